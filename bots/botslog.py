@@ -1,0 +1,54 @@
+"""Logging in the Bots way: a daily rotated file in botssys/logging and a console.
+
+Bots adds the level STARTINFO (25), between INFO and WARNING, for the lines
+an operator wants to see on the console when a program starts.
+"""
+import logging
+import logging.handlers
+import os
+
+from .config import ConfigError
+
+STARTINFO = 25
+logging.addLevelName(STARTINFO, 'STARTINFO')
+
+LOG_FORMAT = '%(asctime)s %(levelname)-9s: %(message)s'
+DATE_FORMAT = '%Y%m%d %H:%M:%S'
+
+
+def _level(ini, section, option, default):
+    name = ini.get(section, option, default).strip().upper()
+    level = logging.getLevelName(name)
+    if not isinstance(level, int):
+        raise ConfigError('[%s] %s: unknown log level %r' % (section, option, name))
+    return level
+
+
+def init(environment, process_name):
+    """Set up the logger ``bots.<process_name>`` as bots.ini's section [process_name] says."""
+    ini = environment.ini
+    logger = logging.getLogger('bots.' + process_name)
+    logger.handlers[:] = []
+    logger.propagate = False
+    formatter = logging.Formatter(LOG_FORMAT, DATE_FORMAT)
+    file_level = _level(ini, process_name, 'log_file_level', 'INFO')
+    levels = [file_level]
+    try:
+        os.makedirs(environment.logdir, exist_ok=True)
+        handler = logging.handlers.TimedRotatingFileHandler(
+            os.path.join(environment.logdir, process_name + '.log'), when='midnight',
+            backupCount=ini.getint(process_name, 'log_file_number', 30), encoding='utf-8')
+    except OSError as exc:
+        raise ConfigError('Error: cannot write the log in %s: %s' % (environment.logdir, exc.strerror))
+    handler.setFormatter(formatter)
+    handler.setLevel(file_level)
+    logger.addHandler(handler)
+    if ini.getboolean(process_name, 'log_console', True):
+        console_level = _level(ini, process_name, 'log_console_level', 'STARTINFO')
+        console = logging.StreamHandler()
+        console.setFormatter(formatter)
+        console.setLevel(console_level)
+        logger.addHandler(console)
+        levels.append(console_level)
+    logger.setLevel(min(levels))
+    return logger

@@ -1,0 +1,130 @@
+"""bots-job2queue: put a job on the Bots job queue; and the client API for other programs.
+
+Runs from schedulers every few minutes, so it imports only what it needs.
+"""
+import sys
+
+JOBQUEUEMESSAGE2TXT = {
+    0: 'OK, job is added to queue',
+    1: 'Error, job not to jobqueue. Can not contact jobqueue-server',
+    2: 'Error, no task to add to the job queue.',
+    3: 'Error, task is not authorized to run by the job queue (see [jobqueue] authorized_tasks in bots.ini).',
+    4: 'Duplicate job, not added.',
+}
+DEFAULT_TIMEOUT = 10      # seconds; a server that does not answer in time counts as unreachable
+
+USAGE = '''\
+This is "%(name)s" version %(version)s, part of the Bots job queue.
+Places a job on the Bots job queue; the job queue server runs the jobs one
+after the other, most urgent first.
+Usage:
+    %(name)s [-c<directory>] [-p<priority>] task [task-arguments]
+Options:
+    -c<directory>   directory for configuration files (default: config).
+                    Given after the task, it is also passed on to the task.
+    -p<priority>    priority of the job, 1-9 (default: 5; 1 is most urgent).
+                    Only before the task: after it, every argument is the task's.
+Exit codes:
+    0 job added   1 cannot contact the job queue server (or bad option)
+    2 no task     3 task not authorized   4 duplicate of a waiting job, not added
+Examples:
+    %(name)s bots-engine.py
+    %(name)s -p1 python3 /usr/local/bin/bots-engine.py --new
+    %(name)s -p3 bots-engine.py -cconfigprod myroute
+'''
+
+
+def send_job_to_jobqueue(task_args, priority=5, port=None, timeout=DEFAULT_TIMEOUT, host='127.0.0.1'):
+    """Add a job to the queue of the running server; return its code.
+
+    0 added (or the priority of a waiting duplicate changed), 1 server not
+    reachable (or not answering within ``timeout``, or it refused the
+    request), 2 no task, 3 task not authorized, 4 duplicate, not added.  Never
+    raises for an unreachable server.  ``port`` defaults to the one in the
+    loaded bots.ini (Bots' global configuration) or 28082.
+    """
+    import http.client
+    import xmlrpc.client
+    if port is None:
+        port = _configured_port()
+    body = xmlrpc.client.dumps((list(task_args), priority), 'addjob').encode('utf-8')
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        connection.request('POST', '/RPC2', body, {'Content-Type': 'text/xml'})
+        response = connection.getresponse()
+        answer = response.read()
+        if response.status != 200:
+            return 1
+        return xmlrpc.client.loads(answer)[0][0]
+    except (OSError, http.client.HTTPException, xmlrpc.client.Fault, xmlrpc.client.ResponseError,
+            ValueError, IndexError):
+        return 1
+    finally:
+        connection.close()
+
+
+def _configured_port():
+    """The port of Bots' own loaded configuration, when this runs inside Bots (the monitor)."""
+    botsglobal = sys.modules.get('bots.botsglobal')
+    ini = getattr(botsglobal, 'ini', None)
+    if ini is not None:
+        try:
+            return ini.getint('jobqueue', 'port', 28082)
+        except Exception:          # a foreign ini object: fall back to the documented default
+            pass
+    return 28082
+
+
+def parse_args(argv):
+    """``(configdir, priority, task)`` from the command line, Bots' rules."""
+    from .config import ConfigError, split_configdir_option
+    configdir = 'config'
+    priority = 5
+    task = []
+    for arg in argv:
+        if arg.startswith('-c'):
+            configdir = split_configdir_option(arg)
+            if task:
+                task.append(arg)
+        elif task:
+            task.append(arg)
+        elif arg.startswith('-p'):
+            try:
+                priority = int(arg[2:])
+            except ValueError:
+                raise ConfigError('Error: priority should be numeric (1=highest, 9=lowest).')
+            if not 1 <= priority <= 9:
+                raise ConfigError('Error: priority should be from 1 (highest) to 9 (lowest), not %s.' % priority)
+        elif arg in ('-h', '--help', '?', '/?'):
+            return None
+        else:
+            task.append(arg)
+    return configdir, priority, task
+
+
+def start():
+    """Console script entry point."""
+    import os
+    from . import __version__, config
+    name = os.path.basename(sys.argv[0])
+    try:
+        parsed = parse_args(sys.argv[1:])
+        if parsed is None:
+            print(USAGE % {'name': name, 'version': __version__})
+            sys.exit(0)
+        configdir, priority, task = parsed
+        environment = config.load(configdir)
+        environment.require_jobqueue_enabled()
+        timeout = environment.ini.getfloat('jobqueue', 'client_timeout', DEFAULT_TIMEOUT)
+        port = environment.port
+    except config.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(1)
+    code = send_job_to_jobqueue(task, priority, port=port, timeout=timeout)
+    print(JOBQUEUEMESSAGE2TXT.get(code, 'Error, unexpected answer %r from the jobqueue-server' % (code,)),
+          file=sys.stdout if code in (0, 4) else sys.stderr)
+    sys.exit(code if code in JOBQUEUEMESSAGE2TXT else 1)
+
+
+if __name__ == '__main__':
+    start()

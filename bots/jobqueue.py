@@ -1,0 +1,221 @@
+"""The queue of waiting jobs.
+
+Lower priority numbers mean more urgent (1 before 9); within a priority the
+lower job number goes first, so the order is total and first come, first
+served.  Waiting jobs sit in a heap of ``(priority, jobnumber)``; a dict from
+task to job answers the duplicate check.  Adding, the duplicate check and
+taking the next job do not grow with the length of the queue.
+
+A priority change pushes a fresh heap entry; the stale one is skipped when it
+comes up.  Every change goes to the store inside the same lock, so the stored
+order is the acknowledged order.
+"""
+import heapq
+import sys
+import threading
+import time
+
+ADDED = 0          # added, or the priority of a waiting duplicate changed
+NO_TASK = 2
+NOT_AUTHORIZED = 3
+DUPLICATE = 4      # same task already waiting with the same priority
+
+
+class Job:
+    """A job: what to run (``task``, an argv tuple), how urgent, and its number."""
+
+    __slots__ = ('jobnumber', 'priority', 'task', 'requeued', 'locked')
+
+    def __init__(self, jobnumber, priority, task, requeued=0, locked=0):
+        self.jobnumber = jobnumber
+        self.priority = priority
+        self.task = task
+        self.requeued = requeued
+        self.locked = locked
+
+    def as_list(self):
+        """``[priority, jobnumber, task]``, the form ``listjobs`` answers with."""
+        return [self.priority, self.jobnumber, list(self.task)]
+
+
+def canonical_task(task):
+    """The task as a tuple of interned strings: hashable, and cheap to keep 100,000 of."""
+    return tuple(sys.intern(arg) for arg in task)
+
+
+class JobQueue:
+    """Waiting jobs, backed by a store.  All public methods are thread-safe."""
+
+    def __init__(self, store):
+        self._store = store
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._heap = []          # (priority, jobnumber); may hold stale entries
+        self._waiting = {}       # jobnumber -> Job, for jobs in the heap
+        self._delayed = {}       # jobnumber -> (Job, threading.Timer)
+        self._by_task = {}       # task -> Job, waiting or delayed
+        self._holds = 0          # while > 0, take() hands out nothing
+        self._closed = False
+
+    # ---- start-up
+    def restore(self, job, not_before=None):
+        """Put a job read back from the store into the queue, without storing it again."""
+        with self._lock:
+            self._by_task[job.task] = job
+            if not_before is not None and not_before > time.time():
+                self._delay(job, not_before - time.time())
+            else:
+                self._waiting[job.jobnumber] = job
+                self._heap.append((job.priority, job.jobnumber))
+
+    def finish_restore(self):
+        with self._lock:
+            heapq.heapify(self._heap)
+            self._changed.notify_all()
+
+    # ---- the Bots interface
+    def add(self, task, priority):
+        """Add a job; return ``(code, jobnumber)`` with code ADDED or DUPLICATE."""
+        task = canonical_task(task)
+        with self._lock:
+            job = self._by_task.get(task)
+            if job is not None:
+                if job.priority == priority:
+                    return DUPLICATE, job.jobnumber
+                self._store.set_priority(job.jobnumber, priority)
+                job.priority = priority
+                if job.jobnumber in self._waiting:
+                    heapq.heappush(self._heap, (priority, job.jobnumber))
+                    self._compact_if_stale()
+                    self._changed.notify()
+                return ADDED, job.jobnumber
+            jobnumber = self._store.add(priority, list(task))
+            job = Job(jobnumber, priority, task)
+            self._by_task[task] = job
+            self._waiting[jobnumber] = job
+            heapq.heappush(self._heap, (priority, jobnumber))
+            self._changed.notify()
+            return ADDED, jobnumber
+
+    def waiting(self):
+        """The waiting jobs in launch order (delayed ones last, by job number)."""
+        with self._lock:
+            jobs = sorted(self._waiting.values(), key=lambda job: (job.priority, job.jobnumber))
+            jobs.extend(job for job, _ in sorted(self._delayed.values(), key=lambda d: d[0].jobnumber))
+            return jobs
+
+    def clear(self):
+        """Remove every waiting job; return how many were removed."""
+        with self._lock:
+            count = len(self._by_task)
+            self._store.remove_waiting()
+            for _, timer in self._delayed.values():
+                timer.cancel()
+            self._heap.clear()
+            self._waiting.clear()
+            self._delayed.clear()
+            self._by_task.clear()
+            return count
+
+    def remove(self, jobnumber):
+        """Remove one waiting job; return it, or None when no such job waits."""
+        with self._lock:
+            job = self._waiting.pop(jobnumber, None)
+            if job is None and jobnumber in self._delayed:
+                job, timer = self._delayed.pop(jobnumber)
+                timer.cancel()
+            if job is None:
+                return None
+            self._store.remove(jobnumber)
+            del self._by_task[job.task]
+            self._compact_if_stale()
+            return job
+
+    def __len__(self):
+        with self._lock:
+            return len(self._by_task)
+
+    # ---- for the runners
+    def take(self):
+        """Block until a job may run; mark it running and return it.  None once closed."""
+        with self._lock:
+            while True:
+                if self._closed:
+                    return None
+                if self._holds == 0:
+                    job = self._pop()
+                    if job is not None:
+                        self._store.set_running(job.jobnumber)
+                        return job
+                self._changed.wait()
+
+    def wait_again(self, job, delay=0):
+        """Put a job that did not get to run (or must run again) back in the queue."""
+        with self._lock:
+            other = self._by_task.get(job.task)
+            if other is not None:
+                # The same task was queued meanwhile: one waiting copy is enough.
+                self._store.remove(job.jobnumber)
+                return other
+            self._by_task[job.task] = job
+            if delay > 0:
+                self._store.wait_again(job.jobnumber, time.time() + delay, job.requeued, job.locked)
+                self._delay(job, delay)
+            else:
+                self._store.wait_again(job.jobnumber, None, job.requeued, job.locked)
+                self._waiting[job.jobnumber] = job
+                heapq.heappush(self._heap, (job.priority, job.jobnumber))
+                self._changed.notify()
+            return job
+
+    def hold(self):
+        """Stop handing out jobs until ``release()`` (a job from before a restart still runs)."""
+        with self._lock:
+            self._holds += 1
+
+    def release(self):
+        with self._lock:
+            self._holds -= 1
+            self._changed.notify_all()
+
+    def close(self):
+        """Wake every runner; take() returns None from now on.  Waiting jobs stay stored."""
+        with self._lock:
+            self._closed = True
+            for _, timer in self._delayed.values():
+                timer.cancel()
+            self._changed.notify_all()
+
+    # ---- internals, called with the lock held
+    def _pop(self):
+        heap = self._heap
+        while heap:
+            priority, jobnumber = heapq.heappop(heap)
+            job = self._waiting.get(jobnumber)
+            if job is not None and job.priority == priority:
+                del self._waiting[jobnumber]
+                del self._by_task[job.task]
+                return job
+        return None
+
+    def _compact_if_stale(self):
+        if len(self._heap) > 2 * len(self._waiting) + 64:
+            self._heap = [(job.priority, job.jobnumber) for job in self._waiting.values()]
+            heapq.heapify(self._heap)
+
+    def _delay(self, job, seconds):
+        timer = threading.Timer(seconds, self._undelay, (job.jobnumber,))
+        timer.daemon = True
+        self._delayed[job.jobnumber] = (job, timer)
+        timer.start()
+
+    def _undelay(self, jobnumber):
+        with self._lock:
+            entry = self._delayed.pop(jobnumber, None)
+            if entry is None or self._closed:
+                return
+            job = entry[0]
+            self._store.wait_again(job.jobnumber, None, job.requeued, job.locked)
+            self._waiting[jobnumber] = job
+            heapq.heappush(self._heap, (job.priority, jobnumber))
+            self._changed.notify()

@@ -1,0 +1,155 @@
+"""bots-jobqueueserver: keeps the queue of jobs and runs them, one (or nr_threads) at a time.
+
+This module wires the parts together and owns the process: options, start-up
+(restoring the stored queue), the one place where signals are handled, and
+the shutdown.
+"""
+import os
+import signal
+import sys
+import threading
+
+from . import __version__, botslog, config
+from .authorize import Authorizer
+from .jobqueue import Job, JobQueue, canonical_task
+from .launcher import Launcher, LaunchSettings, is_alive
+from .report import Reporter, read_mail_settings
+from .rpc import JobQueueRPCServer, JobQueueService, RPCSettings
+from .store import Store
+
+USAGE = '''\
+This is "%(name)s" version %(version)s, the job queue server of Bots.
+Runs the jobs put on the queue (by bots-job2queue, the monitor's Run menu or
+bots-dirmonitor) one after the other: only one bots-engine at a time, no job
+lost, the next started as soon as the previous one ends.  Enable it in
+bots.ini ([jobqueue] enabled = True).
+Usage:
+    %(name)s [-c<directory>]
+Options:
+    -c<directory>   directory for configuration files (default: config).
+Exit codes: 0 stopped normally; 1 cannot start (configuration, port in use).
+'''
+
+
+def parse_args(argv, name):
+    configdir = 'config'
+    for arg in argv:
+        if arg in ('-h', '--help', '?', '/?'):
+            print(USAGE % {'name': name, 'version': __version__})
+            sys.exit(0)
+        elif arg.startswith('-c'):
+            configdir = config.split_configdir_option(arg)
+        else:
+            raise config.ConfigError('Error: unknown option "%s"; see %s --help' % (arg, name))
+    return configdir
+
+
+def lock_environment(botssys):
+    """Hold a lock on the environment's queue so that a second server cannot use it too."""
+    path = os.path.join(botssys, 'jobqueue.lock')
+    handle = open(path, 'a+')
+    try:
+        import fcntl
+    except ImportError:           # Windows: the port is the guard
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise config.ConfigError('Error: another bots-jobqueueserver uses the queue in %s' % botssys)
+    return handle
+
+
+def restore_queue(store, queue, launcher, logger):
+    """Put the stored jobs back: waiting ones in order; running ones waited for or queued again."""
+    stored = store.load()
+    for item in stored:
+        if item.state != 'running':
+            queue.restore(Job(item.jobnumber, item.priority, canonical_task(item.task), item.requeued, item.locked),
+                          item.not_before if item.state == 'delayed' else None)
+    queue.finish_restore()
+    for item in stored:
+        if item.state != 'running':
+            continue
+        if item.pid and is_alive(item.pid, item.pid_start):
+            launcher.adopt(item)
+        elif item.requeued == 0:
+            logger.warning('Job %s was running when the server stopped and did not finish; queued again: %s',
+                           item.jobnumber, item.task)
+            queue.wait_again(Job(item.jobnumber, item.priority, canonical_task(item.task), 1, item.locked))
+        else:
+            logger.error('Job %s was cut off by a server stop again; not queued a third time: %s',
+                         item.jobnumber, item.task)
+            store.finish(item, item.started, None, None, 'lost', '')
+    return len(stored)
+
+
+def serve(environment, stop):
+    """Run the server until ``stop`` is set.  Raises ConfigError when it cannot start."""
+    ini = environment.ini
+    logger = botslog.init(environment, 'jobqueue')
+    rpc_settings = RPCSettings(environment)
+    launch_settings = LaunchSettings(environment)
+    os.makedirs(environment.botssys, exist_ok=True)
+    lock = lock_environment(environment.botssys)
+    try:
+        server = JobQueueRPCServer(rpc_settings, logger)
+    except OSError as exc:
+        raise config.ConfigError('Error: cannot listen on %s port %s (%s); is another bots-jobqueueserver running?'
+                                 % (rpc_settings.host, rpc_settings.port, exc.strerror or exc))
+    logger.log(botslog.STARTINFO, 'Bots jobqueue started.')
+    logger.log(botslog.STARTINFO, 'Bots jobqueue configdir: "%s".', environment.configdir)
+    logger.log(botslog.STARTINFO, 'Bots jobqueue listens for xmlrpc at %s port %s.',
+               rpc_settings.host, rpc_settings.port)
+    if rpc_settings.host not in ('127.0.0.1', 'localhost', '::1'):
+        logger.warning('Listening on %s, not only on this machine: other machines can queue jobs.',
+                       rpc_settings.host)
+    authorizer = Authorizer(environment.python_executable_path, environment.botsengine_path,
+                            ini.get('jobqueue', 'authorized_tasks', ''), sys.executable)
+    if authorizer.allow_all:
+        logger.warning('authorized_tasks = *: any local user can run any program through the job queue.')
+    reporter = Reporter(ini.getboolean('settings', 'sendreportiferror', False),
+                        read_mail_settings(environment.configdir), logger)
+    store = Store(os.path.join(environment.botssys, 'jobqueue.db'), ini.getint('jobqueue', 'history', 500))
+    queue = JobQueue(store)
+    launcher = Launcher(queue, store, authorizer, launch_settings, logger, reporter)
+    count = restore_queue(store, queue, launcher, logger)
+    if count:
+        logger.log(botslog.STARTINFO, 'Restored %d stored job(s); %d waiting.', count, len(queue))
+    server.register_instance(JobQueueService(queue, launcher, store, authorizer, rpc_settings, logger))
+    launcher.start()
+    listener = threading.Thread(target=server.serve_forever, name='rpc', daemon=True)
+    listener.start()
+    stop.wait()
+    logger.log(botslog.STARTINFO, 'Bots jobqueue stops: no new jobs are accepted.')
+    server.shutdown()
+    server.server_close()
+    launcher.stop(ini.getfloat('jobqueue', 'shutdown_grace', 60))
+    reporter.flush()
+    logger.log(botslog.STARTINFO, 'Bots jobqueue stopped; %d job(s) wait for the next start.', len(queue))
+    store.close()
+    lock.close()
+
+
+def start():
+    """Console script entry point."""
+    name = os.path.basename(sys.argv[0])
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    for signame in ('SIGTERM', 'SIGINT', 'SIGBREAK', 'SIGHUP'):
+        if hasattr(signal, signame):
+            signal.signal(getattr(signal, signame), on_signal)
+    try:
+        environment = config.load(parse_args(sys.argv[1:], name))
+        environment.require_jobqueue_enabled()
+        serve(environment, stop)
+    except config.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(1)
+    sys.exit(0)
+
+
+if __name__ == '__main__':
+    start()

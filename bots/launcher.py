@@ -1,0 +1,340 @@
+"""Runners: take the next job from the queue, start it, watch it, record how it ended.
+
+Each runner is a thread that blocks in ``JobQueue.take()`` and starts the job
+the moment it gets one, without a shell, with stdin from the null device, in
+a session of its own (so a kill reaches the job's children, and a job outlives
+a server that dies).  Its output goes to a capture process (``capture.py``).
+"""
+import datetime
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+
+CAPTURE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'capture.py')
+
+ENGINE_OK, ENGINE_SYSTEM_ERROR, ENGINE_PROCESS_ERRORS, ENGINE_DATABASE_LOCKED = 0, 1, 2, 3
+SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class LaunchSettings:
+    """What the runners need from bots.ini."""
+
+    def __init__(self, environment):
+        ini = environment.ini
+        self.nr_threads = max(1, ini.getint('jobqueue', 'nr_threads', 1))
+        self.maxruntime = ini.getfloat('settings', 'maxruntime', 60)
+        self.killjobsintimeout = ini.getboolean('jobqueue', 'killjobsintimeout', False)
+        self.kill_grace = ini.getfloat('jobqueue', 'kill_grace', 10)
+        self.output_limit = max(1024, ini.getint('jobqueue', 'output_limit', 65536))
+        self.locked_retry_delay = ini.getfloat('jobqueue', 'locked_retry_delay', 60)
+        self.locked_report_after = ini.getint('jobqueue', 'locked_report_after', 3)
+        self.outputdir = os.path.join(environment.botssys, 'jobqueue', 'output')
+
+
+def process_start_time(pid):
+    """The start time of process ``pid`` as the kernel tells it (Linux), or '' if unknown."""
+    try:
+        with open('/proc/%d/stat' % pid, 'rb') as handle:
+            fields = handle.read().rsplit(b')', 1)[1].split()
+    except (OSError, IndexError):
+        return ''
+    return fields[19].decode()
+
+
+def is_alive(pid, start_time):
+    """True if ``pid`` still runs and is the same process (not a zombie, not a reused pid)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open('/proc/%d/stat' % pid, 'rb') as handle:
+            fields = handle.read().rsplit(b')', 1)[1].split()
+    except OSError:
+        return not os.path.isdir('/proc')     # no /proc: trust the kill test
+    if fields[0] in (b'Z', b'X'):
+        return False
+    return not start_time or fields[19].decode() == start_time
+
+
+def wait_for_pid(pid, start_time, timeout=None):
+    """Block until process ``pid`` (not our child) has ended; False on timeout."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pidfd = None
+    if hasattr(os, 'pidfd_open'):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            pidfd = None
+    try:
+        if pidfd is not None and is_alive(pid, start_time):
+            import select
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            while is_alive(pid, start_time):
+                remaining = None if deadline is None else max(0, deadline - time.monotonic())
+                # A zombie (ended, not reaped by its parent) keeps the pidfd unreadable: re-check each second.
+                wait_ms = 1000 if remaining is None else min(1000, int(remaining * 1000))
+                poller.poll(wait_ms)
+                if deadline is not None and time.monotonic() >= deadline:
+                    return not is_alive(pid, start_time)
+            return True
+        while is_alive(pid, start_time):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+        return True
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def elapsed(seconds):
+    return str(datetime.timedelta(seconds=int(round(seconds))))
+
+
+def signal_group(pid, signum):
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class RunningJob:
+    """A job that runs now: its process, output file and timers."""
+
+    def __init__(self, job, pid, started, output):
+        self.job = job
+        self.pid = pid
+        self.started = started
+        self.output = output
+        self.timed_out = False
+        self.stopped_by_shutdown = False
+        self.timers = []
+
+    def as_dict(self):
+        return {'jobnumber': self.job.jobnumber, 'priority': self.job.priority,
+                'task': list(self.job.task), 'pid': self.pid, 'started': self.started,
+                'running_for': time.time() - self.started}
+
+
+class Launcher:
+    """Runs jobs from the queue, ``nr_threads`` at a time."""
+
+    def __init__(self, queue, store, authorizer, settings, logger, reporter):
+        self.queue = queue
+        self.store = store
+        self.authorizer = authorizer
+        self.settings = settings
+        self.logger = logger
+        self.reporter = reporter
+        self.running = {}              # jobnumber -> RunningJob
+        self._lock = threading.Lock()
+        self._threads = []
+        self._stopping = False
+        os.makedirs(settings.outputdir, exist_ok=True)
+
+    # ---- life cycle
+    def start(self):
+        for number in range(self.settings.nr_threads):
+            thread = threading.Thread(target=self._run_loop, name='runner-%d' % (number + 1), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, grace):
+        """Graceful shutdown: no new jobs; running ones get ``grace`` seconds, then are stopped.
+
+        A job stopped this way goes back to the queue for the next start.
+        """
+        self._stopping = True
+        self.queue.close()
+        deadline = time.monotonic() + grace
+        for thread in self._threads:
+            thread.join(max(0, deadline - time.monotonic()))
+        with self._lock:
+            left = list(self.running.values())
+        for running in left:
+            self.logger.warning('Stopping job %s: the server shuts down; it will run again at the next start.',
+                                running.job.jobnumber)
+            running.stopped_by_shutdown = True
+            signal_group(running.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.kill_grace
+        for thread in self._threads:
+            thread.join(max(0, deadline - time.monotonic()))
+        with self._lock:
+            left = list(self.running.values())
+        for running in left:
+            signal_group(running.pid, signal.SIGKILL)
+        for thread in self._threads:
+            thread.join(5)
+
+    def status(self):
+        with self._lock:
+            return [running.as_dict() for running in self.running.values()]
+
+    # ---- one runner
+    def _run_loop(self):
+        while True:
+            job = self.queue.take()
+            if job is None:
+                return
+            try:
+                self._run(job)
+            except Exception:        # a bug here must not stop the queue; it is logged in full
+                self.logger.exception('Unexpected error while running job %s', job.jobnumber)
+
+    def _run(self, job):
+        settings = self.settings
+        executable = self.authorizer.executable(job.task)
+        output = os.path.join(settings.outputdir, '%d.out' % job.jobnumber)
+        started = time.time()
+        if executable is None:
+            self._cannot_start(job, started, 'not an authorized program (any more): %s' % job.task[0])
+            return
+        read_end, write_end = os.pipe()
+        try:
+            try:
+                process = subprocess.Popen(list(job.task), executable=executable, stdin=subprocess.DEVNULL,
+                                           stdout=write_end, stderr=write_end, close_fds=True,
+                                           start_new_session=True)
+            except (OSError, ValueError, subprocess.SubprocessError) as exc:
+                self._cannot_start(job, started, str(exc))
+                return
+            relay = subprocess.Popen([sys.executable, '-I', '-S', CAPTURE_SCRIPT, output,
+                                      str(settings.output_limit)],
+                                     stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     close_fds=True, start_new_session=True)
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+        running = RunningJob(job, process.pid, started, output)
+        self.store.set_process(job.jobnumber, process.pid, process_start_time(process.pid), relay.pid, output)
+        with self._lock:
+            self.running[job.jobnumber] = running
+        self.logger.info('Starting job %s: %s', job.jobnumber, job.task)
+        if settings.maxruntime > 0:
+            self._add_timer(running, settings.maxruntime * 60, self._maxruntime_exceeded, running)
+        exitcode = process.wait()
+        for timer in running.timers:
+            timer.cancel()
+        with self._lock:
+            del self.running[job.jobnumber]
+        try:
+            relay.wait(10)
+        except subprocess.TimeoutExpired:
+            pass      # a child of the job still holds its output open; keep what is there
+        self._finished(job, started, time.time(), exitcode, output, running)
+
+    def adopt(self, stored):
+        """Wait for a job that was started before a restart and still runs; hold the queue meanwhile."""
+        self.queue.hold()
+        thread = threading.Thread(target=self._adopted, args=(stored,), name='adopted-%d' % stored.jobnumber,
+                                  daemon=True)
+        thread.start()
+
+    def _adopted(self, stored):
+        from .jobqueue import Job, canonical_task
+        job = Job(stored.jobnumber, stored.priority, canonical_task(stored.task), stored.requeued, stored.locked)
+        running = RunningJob(job, stored.pid, stored.started or time.time(), stored.output)
+        with self._lock:
+            self.running[job.jobnumber] = running
+        try:
+            self.logger.warning('Job %s (pid %s) still runs from before the restart; no job starts until it ends.',
+                                job.jobnumber, stored.pid)
+            wait_for_pid(stored.pid, stored.pid_start)
+            if stored.relay_pid:
+                wait_for_pid(stored.relay_pid, '', timeout=10)
+            with self._lock:
+                del self.running[job.jobnumber]
+            # The exit code of a process that is not our child cannot be known.
+            self._finished(job, running.started, time.time(), None, stored.output or '', None)
+        finally:
+            self.queue.release()
+
+    def _add_timer(self, running, seconds, function, *args):
+        timer = threading.Timer(seconds, function, args)
+        timer.daemon = True
+        running.timers.append(timer)
+        timer.start()
+
+    # ---- what happens after a job
+    def _cannot_start(self, job, started, reason):
+        self.logger.error('Error starting job %s: %s\n    task: %s', job.jobnumber, reason, job.task)
+        self.reporter.report('[Bots Job Queue] - Error starting job',
+                             'Error starting job %s:\n    %s\n\n%s' % (job.jobnumber, job.task, reason))
+        self.store.finish(job, started, time.time(), None, 'cannot start', reason)
+
+    def _maxruntime_exceeded(self, running):
+        running.timed_out = True
+        job = running.job
+        self.logger.error('Job %s exceeded maxruntime of %s minutes%s', job.jobnumber, self.settings.maxruntime,
+                          '; it is stopped.' if self.settings.killjobsintimeout else '.')
+        self.reporter.report('[Bots Job Queue] - Job exceeded maximum runtime',
+                             'Job %s exceeded maxruntime of %s minutes:\n    %s%s'
+                             % (job.jobnumber, self.settings.maxruntime, job.task,
+                                '\n\nThe job is stopped (killjobsintimeout = True).'
+                                if self.settings.killjobsintimeout else ''))
+        if self.settings.killjobsintimeout:
+            signal_group(running.pid, signal.SIGTERM)
+            self._add_timer(running, self.settings.kill_grace, signal_group, running.pid, signal.SIGKILL)
+
+    def _finished(self, job, started, ended, exitcode, output_file, running=None):
+        output = read_output(output_file)
+        self.logger.log(logging_level(exitcode), 'Finished job %s, elapsed time %s, exit code %s',
+                        job.jobnumber, elapsed(ended - started), exitcode)
+        if output:
+            self.logger.info('Output of job %s:\n%s', job.jobnumber, output.rstrip('\n'))
+        if running is not None and running.stopped_by_shutdown or (
+                self._stopping and exitcode in (-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT)):
+            job.requeued += 1
+            self.queue.wait_again(job)
+            return
+        status = 'ok' if exitcode == 0 else 'failed'
+        if running is not None and running.timed_out:
+            status = 'timed out'
+        engine = self.authorizer.is_engine(job.task)
+        if engine and exitcode == ENGINE_DATABASE_LOCKED:
+            job.locked += 1
+            self.logger.warning('Job %s: the engine database is locked by another run; queued again in %s seconds.',
+                                job.jobnumber, self.settings.locked_retry_delay)
+            if job.locked == self.settings.locked_report_after:
+                self.reporter.report('[Bots Job Queue] - Engine database stays locked',
+                                     'Job %s ended %d times in a row with "database locked" (exit code 3):\n'
+                                     '    %s\nIs a bots-engine running outside the job queue?'
+                                     % (job.jobnumber, job.locked, job.task))
+            self.queue.wait_again(job, self.settings.locked_retry_delay)
+            return
+        if exitcode == ENGINE_SYSTEM_ERROR or exitcode < 0:
+            self.reporter.report('[Bots Job Queue] - Job ended with errors',
+                                 'Job %s ended with exit code %s after %s:\n    %s\n\nOutput:\n%s'
+                                 % (job.jobnumber, exitcode, elapsed(ended - started), job.task, output))
+        self.store.finish(job, started, ended, exitcode, status, output)
+        try:
+            os.remove(output_file)
+        except OSError:
+            pass
+
+
+def logging_level(exitcode):
+    if exitcode == 0:
+        return logging.INFO
+    if exitcode == ENGINE_PROCESS_ERRORS:
+        return logging.WARNING
+    return logging.ERROR
+
+
+def read_output(path):
+    try:
+        with open(path, 'rb') as handle:
+            return handle.read().decode('utf-8', 'replace')
+    except OSError:
+        return ''

@@ -1,0 +1,200 @@
+"""The XML-RPC front of the job queue server.
+
+The Bots methods keep their names and answers (``addjob``, ``listjobs``,
+``clearjobq``); ``status``, ``history``, ``showjob`` and ``removejob`` are
+added for operators.  Bad input gets an XML-RPC fault or an HTTP error and
+changes nothing.
+
+Connections are served by threads, at most ``max_connections`` at once, and
+kept open between calls (HTTP/1.1), so a client that makes many calls pays
+for one connection.  Request bodies are bounded and refused before they are
+read; an idle connection is closed after ``request_timeout`` seconds.
+"""
+import socketserver
+import threading
+import time
+import xmlrpc.client
+from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
+
+from . import jobqueue
+
+ISUP_TASK = ['isup']
+
+
+class RPCSettings:
+    """What the RPC front needs from bots.ini."""
+
+    def __init__(self, environment):
+        ini = environment.ini
+        self.host = ini.get('jobqueue', 'host', '127.0.0.1') or '127.0.0.1'
+        self.port = environment.port
+        self.max_connections = max(1, ini.getint('jobqueue', 'max_connections', 64))
+        self.request_timeout = ini.getfloat('jobqueue', 'request_timeout', 10)
+        self.max_request_size = ini.getint('jobqueue', 'max_request_size', 1048576)
+        self.max_task_size = ini.getint('jobqueue', 'max_task_size', 65536)
+
+
+
+def check_task(task, max_size):
+    if not isinstance(task, list) or not all(isinstance(arg, str) for arg in task):
+        raise xmlrpc.client.Fault(1, 'task should be a list of strings (the program and its arguments)')
+    if sum(len(arg) for arg in task) > max_size:
+        raise xmlrpc.client.Fault(1, 'task is longer than %d characters' % max_size)
+    if any('\0' in arg for arg in task):
+        raise xmlrpc.client.Fault(1, 'task arguments cannot contain NUL characters')
+
+
+def check_priority(priority):
+    if type(priority) is not int or not 1 <= priority <= 9:
+        raise xmlrpc.client.Fault(1, 'priority should be a whole number from 1 (most urgent) to 9, not %r'
+                                  % (priority,))
+
+
+class JobQueueService:
+    """The methods clients call.  Each returns what Bots' clients expect."""
+
+    def __init__(self, queue, launcher, store, authorizer, settings, logger):
+        self._queue = queue
+        self._launcher = launcher
+        self._store = store
+        self._authorizer = authorizer
+        self._settings = settings
+        self._logger = logger
+
+    # ---- Bots
+    def addjob(self, task, priority=5):
+        """Queue ``task`` (argv list) at ``priority`` 1..9.  0 added, 2 no task, 3 not authorized, 4 duplicate."""
+        check_task(task, self._settings.max_task_size)
+        check_priority(priority)
+        if not task:
+            self._logger.info('No task to add.')
+            return jobqueue.NO_TASK
+        if task == ISUP_TASK:
+            return 0
+        if self._authorizer.executable(task) is None:
+            self._logger.warning('Refused job, not an authorized task: %s', task)
+            return jobqueue.NOT_AUTHORIZED
+        code, jobnumber = self._queue.add(task, priority)
+        if code == jobqueue.DUPLICATE:
+            self._logger.info('Duplicate job not added: %s', task)
+        else:
+            self._logger.info('Added job %s, priority %s: %s', jobnumber, priority, task)
+        return code
+
+    def listjobs(self):
+        """The waiting jobs in launch order, each ``[priority, jobnumber, task]``."""
+        return [job.as_list() for job in self._queue.waiting()]
+
+    def clearjobq(self):
+        """Remove every waiting job (running ones go on).  Returns 0."""
+        count = self._queue.clear()
+        self._logger.log(25, 'Job queue cleared: %d waiting job(s) removed.', count)
+        return 0
+
+    # ---- operators
+    def status(self):
+        """``{'running': [...], 'waiting': [[priority, jobnumber, task], ...], 'now': time}``."""
+        return {'running': self._launcher.status(), 'waiting': self.listjobs(), 'now': time.time()}
+
+    def history(self, limit=20):
+        """The newest finished jobs, newest first."""
+        if type(limit) is not int or limit < 1:
+            raise xmlrpc.client.Fault(1, 'limit should be a positive whole number')
+        return [_xmlrpc_safe(record) for record in self._store.history(min(limit, 10000))]
+
+    def showjob(self, jobnumber):
+        """One job, waiting, running or finished, as a dict with its ``state``; {} when unknown."""
+        if type(jobnumber) is not int:
+            raise xmlrpc.client.Fault(1, 'jobnumber should be a whole number')
+        for running in self._launcher.status():
+            if running['jobnumber'] == jobnumber:
+                return dict(running, state='running')
+        for job in self._queue.waiting():
+            if job.jobnumber == jobnumber:
+                return {'state': 'waiting', 'jobnumber': jobnumber, 'priority': job.priority,
+                        'task': list(job.task)}
+        record = self._store.finished(jobnumber)
+        return dict(_xmlrpc_safe(record), state='finished') if record else {}
+
+    def removejob(self, jobnumber):
+        """Remove one waiting job.  0 removed, 1 no such waiting job."""
+        if type(jobnumber) is not int:
+            raise xmlrpc.client.Fault(1, 'jobnumber should be a whole number')
+        job = self._queue.remove(jobnumber)
+        if job is None:
+            return 1
+        self._logger.log(25, 'Removed waiting job %s: %s', jobnumber, list(job.task))
+        return 0
+
+
+def _xmlrpc_safe(record):
+    """XML-RPC has no None: leave such fields out."""
+    return {key: value for key, value in record.items() if value is not None}
+
+
+class RequestHandler(SimpleXMLRPCRequestHandler):
+    """HTTP/1.1 with keep-alive, a bounded body and no compressed requests."""
+
+    protocol_version = 'HTTP/1.1'
+    rpc_paths = ()            # Bots clients post to '/RPC2'; any path is accepted
+
+    def setup(self):
+        self.timeout = self.server.settings.request_timeout
+        super().setup()
+
+    def do_POST(self):
+        try:
+            length = int(self.headers.get('content-length', ''))
+        except ValueError:
+            length = -1
+        if length < 0:
+            self._refuse(411, 'a Content-Length is required')
+        elif length > self.server.settings.max_request_size:
+            self._refuse(413, 'request larger than %d bytes' % self.server.settings.max_request_size)
+        elif self.headers.get('content-encoding', 'identity').lower() != 'identity':
+            self._refuse(415, 'compressed requests are not accepted')
+        else:
+            super().do_POST()
+
+    def _refuse(self, code, reason):
+        self.send_error(code, reason)
+        self.close_connection = True
+
+    def log_message(self, format, *args):
+        self.server.logger.debug('RPC %s: ' + format, self.client_address[0], *args)
+
+
+class JobQueueRPCServer(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
+    """A thread per connection, at most ``max_connections`` connections at once."""
+
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 128
+
+    def __init__(self, settings, logger):
+        self.settings = settings
+        self.logger = logger
+        self._slots = threading.BoundedSemaphore(settings.max_connections)
+        super().__init__((settings.host, settings.port), requestHandler=RequestHandler,
+                         logRequests=False, allow_none=True)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.sendall(b'HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n'
+                                b'Connection: close\r\n\r\n')
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()

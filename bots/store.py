@@ -1,0 +1,158 @@
+"""Where jobs are kept: an SQLite database in the environment's botssys.
+
+Every change the queue acknowledges is committed before the answer goes out,
+so a server killed at any moment comes back with every acknowledged job.  The
+database runs in WAL mode with ``synchronous=NORMAL``: a commit survives the
+death of the process; after a power loss the last commits may be missing.
+"""
+import json
+import os
+import sqlite3
+import threading
+import time
+
+SCHEMA = '''
+CREATE TABLE IF NOT EXISTS job (
+    jobnumber   INTEGER PRIMARY KEY AUTOINCREMENT,
+    priority    INTEGER NOT NULL,
+    task        TEXT NOT NULL,
+    state       TEXT NOT NULL DEFAULT 'waiting',   -- waiting | delayed | running
+    not_before  REAL,                              -- delayed: when it may wait again
+    requeued    INTEGER NOT NULL DEFAULT 0,        -- times put back after its run was cut off
+    locked      INTEGER NOT NULL DEFAULT 0,        -- consecutive 'database locked' exits
+    started     REAL,
+    pid         INTEGER,
+    pid_start   TEXT,                              -- start time of pid, against pid reuse
+    relay_pid   INTEGER,
+    output      TEXT                               -- file the job's output is captured in
+);
+CREATE TABLE IF NOT EXISTS history (
+    jobnumber   INTEGER PRIMARY KEY,
+    priority    INTEGER NOT NULL,
+    task        TEXT NOT NULL,
+    started     REAL,
+    ended       REAL,
+    exitcode    INTEGER,
+    status      TEXT NOT NULL,
+    output      TEXT NOT NULL DEFAULT ''
+);
+'''
+
+
+class StoredJob:
+    """A job as it comes back from the database at start-up."""
+
+    __slots__ = ('jobnumber', 'priority', 'task', 'state', 'not_before', 'requeued', 'locked',
+                 'started', 'pid', 'pid_start', 'relay_pid', 'output')
+
+    def __init__(self, row):
+        for name, value in zip(self.__slots__, row):
+            setattr(self, name, value)
+        self.task = json.loads(self.task)
+
+
+class Store:
+    """Persistence of the queue.  Thread-safe; every method commits before it returns."""
+
+    def __init__(self, path, history_size=1000):
+        if path != ':memory:':
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.path = path
+        self.history_size = history_size
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute('PRAGMA journal_mode=WAL')
+        self._db.execute('PRAGMA synchronous=NORMAL')
+        self._db.executescript(SCHEMA)
+
+    def close(self):
+        with self._lock:
+            self._db.close()
+
+    def _run(self, sql, params=()):
+        with self._lock:
+            return self._db.execute(sql, params)
+
+    # ---- start-up
+    def load(self):
+        """Every stored job, in job number order."""
+        with self._lock:
+            rows = self._db.execute('SELECT %s FROM job ORDER BY jobnumber'
+                                    % ', '.join(StoredJob.__slots__)).fetchall()
+        return [StoredJob(row) for row in rows]
+
+    def last_jobnumber(self):
+        with self._lock:
+            row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'job'").fetchone()
+        return row[0] if row else 0
+
+    # ---- waiting jobs
+    def add(self, priority, task):
+        """Store a new waiting job; return its job number."""
+        return self._run('INSERT INTO job (priority, task) VALUES (?, ?)',
+                         (priority, json.dumps(task))).lastrowid
+
+    def set_priority(self, jobnumber, priority):
+        self._run('UPDATE job SET priority = ? WHERE jobnumber = ?', (priority, jobnumber))
+
+    def remove(self, jobnumber):
+        self._run('DELETE FROM job WHERE jobnumber = ?', (jobnumber,))
+
+    def remove_waiting(self):
+        self._run("DELETE FROM job WHERE state != 'running'")
+
+    def wait_again(self, jobnumber, not_before=None, requeued=None, locked=None):
+        """Put a job back among the waiting ones (delayed until ``not_before`` when given)."""
+        state = 'waiting' if not_before is None else 'delayed'
+        self._run('UPDATE job SET state = ?, not_before = ?, requeued = coalesce(?, requeued), '
+                  'locked = coalesce(?, locked), started = NULL, pid = NULL, pid_start = NULL, '
+                  'relay_pid = NULL, output = NULL WHERE jobnumber = ?',
+                  (state, not_before, requeued, locked, jobnumber))
+
+    # ---- running jobs
+    def set_running(self, jobnumber):
+        self._run("UPDATE job SET state = 'running', started = ? WHERE jobnumber = ?",
+                  (time.time(), jobnumber))
+
+    def set_process(self, jobnumber, pid, pid_start, relay_pid, output):
+        self._run('UPDATE job SET pid = ?, pid_start = ?, relay_pid = ?, output = ? '
+                  'WHERE jobnumber = ?', (pid, pid_start, relay_pid, output, jobnumber))
+
+    def finish(self, job, started, ended, exitcode, status, output):
+        """Move a job from the queue to the history, which keeps the newest ``history_size``."""
+        with self._lock:
+            self._db.execute('BEGIN')
+            try:
+                self._db.execute('DELETE FROM job WHERE jobnumber = ?', (job.jobnumber,))
+                self._db.execute('INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
+                                 (job.jobnumber, job.priority, json.dumps(list(job.task)),
+                                  started, ended, exitcode, status, output))
+                self._db.execute('DELETE FROM history WHERE jobnumber <= '
+                                 '(SELECT jobnumber FROM history ORDER BY jobnumber DESC '
+                                 'LIMIT 1 OFFSET ?)', (self.history_size,))
+                self._db.execute('COMMIT')
+            except BaseException:
+                self._db.execute('ROLLBACK')
+                raise
+
+    def history(self, limit=20):
+        """The newest finished jobs, newest first, as dicts."""
+        with self._lock:
+            rows = self._db.execute('SELECT jobnumber, priority, task, started, ended, exitcode, '
+                                    'status, output FROM history ORDER BY jobnumber DESC LIMIT ?',
+                                    (limit,)).fetchall()
+        return [_history_dict(row) for row in rows]
+
+    def finished(self, jobnumber):
+        with self._lock:
+            row = self._db.execute('SELECT jobnumber, priority, task, started, ended, exitcode, '
+                                   'status, output FROM history WHERE jobnumber = ?',
+                                   (jobnumber,)).fetchone()
+        return _history_dict(row) if row else None
+
+
+def _history_dict(row):
+    names = ('jobnumber', 'priority', 'task', 'started', 'ended', 'exitcode', 'status', 'output')
+    record = dict(zip(names, row))
+    record['task'] = json.loads(record['task'])
+    return record

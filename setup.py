@@ -1,0 +1,4 @@
+"""Installer; the metadata lives in setup.cfg."""
+from setuptools import setup
+
+setup()
