@@ -82,7 +82,8 @@ def parse_args(argv):
     priority = 5
     task = []
     for arg in argv:
-        if arg.startswith('-c'):
+        if arg.startswith('-c') and not (task and arg == '-c'):
+            # After the task, a bare '-c' is simply the task's (a shell's -c, say).
             configdir = split_configdir_option(arg)
             if task:
                 task.append(arg)

@@ -1,0 +1,51 @@
+#!/usr/bin/env python3
+"""A small stand-in for bots-engine, for the tests.
+
+Records each run in the file named by $FAKE_ENGINE_RECORD, one JSON line
+when it starts and one when it ends (argv, pid, times), and behaves as its arguments say:
+``--sleep=S`` runs S seconds, ``--exit=N`` ends with exit code N,
+``--print=N`` writes N bytes of output, ``--exit-file=F`` reads the exit
+code from file F (so a test can change it between runs).
+"""
+import json
+import os
+import sys
+import time
+
+
+def _record(path, entry):
+    if path:
+        with open(path, 'a') as handle:
+            handle.write(json.dumps(entry) + '\n')
+
+
+def main(argv):
+    record = os.environ.get('FAKE_ENGINE_RECORD')
+    started = time.time()
+    sleep, exitcode, output = 0.0, 0, 0
+    for arg in argv:
+        if arg.startswith('--sleep='):
+            sleep = float(arg[8:])
+        elif arg.startswith('--exit='):
+            exitcode = int(arg[7:])
+        elif arg.startswith('--print='):
+            output = int(arg[8:])
+        elif arg.startswith('--exit-file='):
+            with open(arg[12:]) as handle:
+                exitcode = int(handle.read().strip() or 0)
+    _record(record, {'event': 'start', 'argv': argv, 'pid': os.getpid(), 'time': started})
+    print('fake engine started: %s' % ' '.join(argv), flush=True)
+    line = b'x' * 1023 + b'\n'
+    while output > 0:
+        chunk = line * min(64, (output + 1023) // 1024)
+        sys.stdout.buffer.write(chunk[:output])
+        output -= len(chunk)
+    sys.stdout.flush()
+    time.sleep(sleep)
+    _record(record, {'event': 'end', 'argv': argv, 'pid': os.getpid(), 'start': started, 'time': time.time()})
+    print('fake engine done', file=sys.stderr, flush=True)
+    return exitcode
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv[1:]))
