@@ -43,24 +43,13 @@ def send_job_to_jobqueue(task_args, priority=5, port=None, timeout=DEFAULT_TIMEO
     raises for an unreachable server.  ``port`` defaults to the one in the
     loaded bots.ini (Bots' global configuration) or 28082.
     """
-    import http.client
-    import xmlrpc.client
+    from . import rpcclient
     if port is None:
         port = _configured_port()
-    body = xmlrpc.client.dumps((list(task_args), priority), 'addjob').encode('utf-8')
-    connection = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        connection.request('POST', '/RPC2', body, {'Content-Type': 'text/xml'})
-        response = connection.getresponse()
-        answer = response.read()
-        if response.status != 200:
-            return 1
-        return xmlrpc.client.loads(answer)[0][0]
-    except (OSError, http.client.HTTPException, xmlrpc.client.Fault, xmlrpc.client.ResponseError,
-            ValueError, IndexError):
+        return rpcclient.call(port, 'addjob', list(task_args), priority, timeout=timeout, host=host)
+    except rpcclient.ERRORS:
         return 1
-    finally:
-        connection.close()
 
 
 def _configured_port():

@@ -1,0 +1,143 @@
+"""No run lost: kill -9 and restart, SIGTERM, engine exit codes, the history."""
+import os
+import signal
+import sys
+import time
+
+from conftest import wait_until
+
+
+def add_many(proxy, environment, count, prefix='job'):
+    for number in range(count):
+        assert proxy.addjob(environment.engine('%s%d' % (prefix, number)), 1 + number % 9) == 0
+
+
+def test_kill_9_and_restart_keeps_every_acknowledged_job_in_order(environment):
+    environment.start_server()
+    proxy = environment.proxy()
+    proxy.addjob(environment.engine('running', '--sleep=3'), 5)
+    wait_until(lambda: environment.runs('start'), message='the first job to start')
+    add_many(proxy, environment, 300)
+    before = proxy.listjobs()
+    assert len(before) == 300
+    environment.stop_server(signal.SIGKILL)
+
+    environment.start_server()
+    proxy = environment.proxy()
+    assert proxy.listjobs() == before
+    # The job from before the restart still runs: nothing starts until it ends.
+    assert len(environment.runs('start')) == 1
+    assert proxy.status()['running'][0]['jobnumber'] == 1
+    wait_until(lambda: len(environment.runs()) == 301, timeout=120, message='all jobs to run')
+    runs = environment.runs()
+    assert runs[0]['argv'][0] == 'running'
+    assert sorted(run['argv'][0] for run in runs[1:]) == sorted('job%d' % n for n in range(300))
+    for previous, following in zip(runs, runs[1:]):
+        assert following['start'] >= previous['time'], 'two jobs ran at once'
+    # Launch order after the restart is the acknowledged order.
+    assert [run['argv'][0] for run in runs[1:]] == [job[2][2] for job in before]
+    assert 'still runs from before the restart' in environment.log()
+
+
+def test_job_numbers_keep_increasing_across_restarts(environment):
+    environment.start_server()
+    proxy = environment.proxy()
+    proxy.addjob(environment.engine('one'), 5)
+    wait_until(lambda: environment.runs(), message='the first run')
+    environment.stop_server(signal.SIGKILL)
+    environment.start_server()
+    proxy = environment.proxy()
+    proxy.addjob(environment.engine('blocker', '--sleep=1'), 5)
+    proxy.addjob(environment.engine('two'), 5)
+    assert proxy.listjobs()[-1][1] == 3
+
+
+def test_a_running_job_that_died_with_the_server_is_queued_again_once(environment):
+    environment.start_server()
+    proxy = environment.proxy()
+    proxy.addjob(environment.engine('cut-off', '--sleep=30'), 5)
+    start = wait_until(lambda: environment.runs('start'), message='the job to start')[0]
+    environment.stop_server(signal.SIGKILL)
+    os.killpg(start['pid'], signal.SIGKILL)
+    wait_until(lambda: not _alive(start['pid']), message='the job to die')
+
+    environment.start_server()
+    wait_until(lambda: len(environment.runs('start')) == 2, message='the job to run again')
+    assert 'was running when the server stopped and did not finish; queued again' in environment.log()
+
+
+def _alive(pid):
+    try:
+        with open('/proc/%d/stat' % pid) as handle:
+            return handle.read().rsplit(')', 1)[1].split()[0] not in ('Z', 'X')
+    except OSError:
+        return False
+
+
+def test_sigterm_lets_a_short_job_finish(environment):
+    environment.start_server()
+    proxy = environment.proxy()
+    proxy.addjob(environment.engine('short', '--sleep=1'), 5)
+    proxy.addjob(environment.engine('waits'), 5)
+    wait_until(lambda: environment.runs('start'), message='the job to start')
+    assert environment.stop_server(signal.SIGTERM) == 0
+    assert [run['argv'][0] for run in environment.runs()] == ['short']
+    environment.start_server()
+    wait_until(lambda: len(environment.runs()) == 2, message='the waiting job after the restart')
+
+
+def test_sigterm_stops_a_long_job_after_the_grace_and_keeps_it(environment):
+    environment.write_ini(jobqueue='shutdown_grace = 1')
+    environment.start_server()
+    proxy = environment.proxy()
+    proxy.addjob(environment.engine('long', '--sleep=60'), 5)
+    wait_until(lambda: environment.runs('start'), message='the job to start')
+    started = time.monotonic()
+    assert environment.stop_server(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 20
+    assert environment.runs() == []
+    assert 'it will run again at the next start' in environment.log()
+    environment.start_server()
+    wait_until(lambda: len(environment.runs('start')) == 2, message='the stopped job to start again')
+
+
+def test_engine_exit_code_3_is_queued_again(environment, tmp_path):
+    exit_file = tmp_path / 'exit'
+    exit_file.write_text('3')
+    environment.write_ini(jobqueue='locked_retry_delay = 0.5')
+    environment.start_server()
+    proxy = environment.proxy()
+    proxy.addjob(environment.engine('locked', '--exit-file=%s' % exit_file), 5)
+    wait_until(lambda: environment.runs(), message='the first run')
+    exit_file.write_text('0')
+    wait_until(lambda: len(environment.runs()) == 2, message='the run again')
+    assert 'database is locked by another run; queued again in 0.5 seconds' in environment.log()
+    history = proxy.history(10)
+    assert len(history) == 1 and history[0]['exitcode'] == 0
+
+
+def test_delayed_job_survives_a_restart(environment, tmp_path):
+    environment.write_ini(jobqueue='locked_retry_delay = 2')
+    environment.start_server()
+    proxy = environment.proxy()
+    proxy.addjob(environment.engine('locked', '--exit=3'), 5)
+    wait_until(lambda: environment.runs(), message='the first run')
+    wait_until(lambda: proxy.listjobs(), message='the job to wait again')
+    environment.stop_server(signal.SIGKILL)
+    environment.start_server()
+    wait_until(lambda: len(environment.runs()) == 2, message='the run after the delay')
+
+
+def test_history_keeps_finished_jobs_bounded(environment):
+    environment.write_ini(jobqueue='history = 3')
+    environment.start_server()
+    proxy = environment.proxy()
+    for number in range(5):
+        proxy.addjob(environment.engine('h%d' % number, '--exit=%d' % (number % 3)), 5)
+    wait_until(lambda: len(environment.runs()) == 5, message='five runs')
+    wait_until(lambda: len(proxy.history(10)) == 3 and proxy.history(1)[0]['jobnumber'] == 5,
+               message='the history')
+    history = proxy.history(10)
+    assert [record['jobnumber'] for record in history] == [5, 4, 3]
+    assert [record['exitcode'] for record in history] == [1, 0, 2]
+    assert 'fake engine started: h4' in history[0]['output']

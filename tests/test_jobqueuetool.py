@@ -1,0 +1,60 @@
+"""bots-jobqueue, the operator's view, against a real server."""
+import json
+
+from conftest import wait_until
+
+
+def tool(environment, *args):
+    return environment.run('bots-jobqueue', '-c' + environment.configdir, *args)
+
+
+def test_status_shows_running_and_waiting_jobs(server):
+    proxy = server.proxy()
+    proxy.addjob(server.engine('running', '--sleep=2'), 5)
+    wait_until(lambda: server.runs('start'), message='the job to start')
+    proxy.addjob(server.engine('waiting'), 3)
+    result = tool(server, 'status')
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert lines[0] == 'Running (1):'
+    assert 'running --sleep=2' in result.stdout and 'Waiting (1):' in result.stdout
+    data = json.loads(tool(server, '--json', 'status').stdout)
+    assert data['running'][0]['jobnumber'] == 1 and data['running'][0]['pid'] == server.runs('start')[0]['pid']
+    assert data['waiting'] == [[3, 2, server.engine('waiting')]]
+
+
+def test_history_and_show(server):
+    proxy = server.proxy()
+    proxy.addjob(server.engine('first', '--exit=2'), 5)
+    wait_until(lambda: proxy.history(5), message='a finished job')
+    result = tool(server, 'history')
+    assert result.returncode == 0
+    assert result.stdout.splitlines()[1].split()[:2] == ['1', '5']
+    shown = tool(server, 'show', '1')
+    assert 'exitcode:  2' in shown.stdout and 'fake engine started: first --exit=2' in shown.stdout
+    data = json.loads(tool(server, '--json', 'history', '1').stdout)
+    assert data[0]['exitcode'] == 2 and data[0]['status'] == 'failed'
+    missing = tool(server, 'show', '99')
+    assert missing.returncode == 2
+
+
+def test_remove_and_clear(server):
+    proxy = server.proxy()
+    proxy.addjob(server.engine('running', '--sleep=2'), 5)
+    wait_until(lambda: server.runs('start'), message='the job to start')
+    for name in ('a', 'b', 'c'):
+        proxy.addjob(server.engine(name), 5)
+    assert tool(server, 'remove', '3').returncode == 0
+    assert [job[1] for job in proxy.listjobs()] == [2, 4]
+    assert tool(server, 'remove', '3').returncode == 2
+    assert tool(server, 'clear').returncode == 0
+    assert proxy.listjobs() == []
+
+
+def test_server_down_and_bad_usage(environment):
+    result = tool(environment, 'status')
+    assert result.returncode == 1 and 'cannot contact the jobqueue-server' in result.stderr
+    result = tool(environment, 'frobnicate')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    result = tool(environment, 'show', 'x')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
