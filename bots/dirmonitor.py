@@ -1,0 +1,446 @@
+"""bots-dirmonitor: queue the engine for a route when partner files have arrived.
+
+Each ``[dirmonitorN]`` section of bots.ini watches one directory (with
+``watchdog``).  A matching file that is created, moved in, or written and
+closed makes its section *dirty*; once the section's files have been quiet
+for ``quiet_period`` seconds - and, where the platform reports it (inotify),
+no file in it is still open for writing - the engine job of the route is
+sent to the job queue.  However many files arrive, that is one job.
+
+Jobs the server cannot take yet (it is down) stay in the outbox and are sent
+again with a growing pause; nothing is dropped while the monitor runs.
+"""
+import collections
+import fnmatch
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+
+from . import __version__, botslog, config
+from .job2queue import send_job_to_jobqueue
+
+USAGE = '''\
+This is "%(name)s" version %(version)s, the directory monitor of the Bots job queue.
+Watches the directories of the [dirmonitorN] sections of bots.ini and queues
+bots-engine for the route of a directory when files have arrived in it.
+Usage:
+    %(name)s [-c<directory>]
+Options:
+    -c<directory>   directory for configuration files (default: config).
+Signals: SIGHUP re-reads bots.ini; SIGTERM / Ctrl-C stop.
+Exit codes: 0 stopped normally; 1 cannot start (configuration).
+'''
+
+UNREACHABLE = 1
+
+
+class Watch:
+    """One ``[dirmonitorN]`` section: what to watch, and which job its files ask for."""
+
+    def __init__(self, environment, section, general):
+        ini = environment.ini
+        self.section = section
+        path = ini.get(section, 'path', '').strip()
+        if not path:
+            raise config.ConfigError('Error: [%s] has no path' % section)
+        self.path = os.path.abspath(path)
+        self.filemask = ini.get(section, 'filemask', '*').strip() or '*'
+        self.recursive = ini.getboolean(section, 'recursive', False)
+        self.route = ini.get(section, 'route', '').strip()
+        self.polling = ini.getboolean(section, 'polling', general.polling)
+        self.priority = ini.getint(section, 'priority', general.priority)
+        if not 1 <= self.priority <= 9:
+            raise config.ConfigError('Error: [%s] priority should be from 1 to 9' % section)
+        task = [environment.python_executable_path, environment.botsengine_path, '-c' + environment.configdir]
+        self.task = task + [self.route] if self.route else task
+
+    def identity(self):
+        return (self.path, self.filemask, self.recursive, self.route, self.polling, self.priority)
+
+    def matches(self, path):
+        """True for a file of this watch: right name, in the directory (or below, when recursive)."""
+        if not fnmatch.fnmatch(os.path.basename(path), self.filemask):
+            return False
+        parent = os.path.dirname(path)
+        if parent == self.path:
+            return True
+        return self.recursive and parent.startswith(self.path + os.sep)
+
+    def existing_files(self):
+        """True when the directory already holds a matching file."""
+        for root, dirs, files in os.walk(self.path):
+            if any(fnmatch.fnmatch(name, self.filemask) for name in files):
+                return True
+            if not self.recursive:
+                return False
+        return False
+
+
+class MonitorSettings:
+    """The ``[dirmonitor]`` section and what the monitor needs of the others."""
+
+    def __init__(self, environment):
+        ini = environment.ini
+        self.quiet_period = ini.getfloat('dirmonitor', 'quiet_period', 2.0)
+        self.priority = ini.getint('dirmonitor', 'priority', 5)
+        self.process_existing = ini.getboolean('dirmonitor', 'process_existing', True)
+        self.polling = ini.getboolean('dirmonitor', 'polling', False)
+        self.polling_interval = ini.getfloat('dirmonitor', 'polling_interval', 1.0)
+        self.retry_max = ini.getfloat('dirmonitor', 'retry_max', 60.0)
+        self.write_pause_limit = ini.getfloat('dirmonitor', 'write_pause_limit', 600.0)
+        self.port = environment.port
+        self.client_timeout = ini.getfloat('jobqueue', 'client_timeout', 10.0)
+        sections = [name for name in ini.sections() if name.startswith('dirmonitor') and name != 'dirmonitor']
+        self.watches = [Watch(environment, name, self) for name in sections]
+
+
+class Outbox:
+    """Jobs to send to the queue, in order, each once; retried while the server is unreachable."""
+
+    def __init__(self, settings, logger):
+        self.settings = settings
+        self.logger = logger
+        self._jobs = collections.OrderedDict()      # tuple(task) -> priority
+        self._changed = threading.Condition()
+        self._stopping = False
+        self.sent = 0
+
+    def put(self, task, priority):
+        with self._changed:
+            key = tuple(task)
+            self._jobs[key] = min(priority, self._jobs.get(key, priority))
+            self._changed.notify()
+
+    def stop(self):
+        with self._changed:
+            self._stopping = True
+            self._changed.notify()
+
+    def run(self):
+        pause = 0.0
+        while True:
+            with self._changed:
+                while not self._jobs and not self._stopping:
+                    self._changed.wait()
+                if pause and not self._stopping:
+                    self._changed.wait(pause)
+                if not self._jobs:
+                    return
+                task, priority = next(iter(self._jobs.items()))
+            code = send_job_to_jobqueue(list(task), priority, port=self.settings.port,
+                                        timeout=self.settings.client_timeout)
+            if code == UNREACHABLE:
+                if self._stopping:
+                    self.logger.error('Stopping while the jobqueue-server cannot be reached; not sent: %s',
+                                      list(task))
+                    return
+                pause = min(self.settings.retry_max, max(1.0, pause * 2))
+                self.logger.warning('Cannot contact the jobqueue-server; trying again in %s seconds: %s',
+                                    pause, list(task))
+                continue
+            pause = 0.0
+            with self._changed:
+                if self._jobs.get(task) == priority:
+                    del self._jobs[task]
+                self.sent += 1
+            if code == 0:
+                self.logger.info('Job queued: %s', list(task))
+            elif code == 4:
+                self.logger.info('Job already waiting in the queue: %s', list(task))
+            else:
+                self.logger.error('The jobqueue-server refused the job (code %s): %s', code, list(task))
+
+
+class WatchState:
+    """What one watch has seen since its job was last sent."""
+
+    def __init__(self, watch):
+        self.watch = watch
+        self.dirty = False
+        self.last_event = 0.0
+        self.writing = {}        # path -> time of its last event; files open for writing
+        self.observed = None     # the watchdog watch of the directory, or of the ancestor awaited
+
+
+class DirMonitor:
+    """Turns file events into engine jobs.  One lock guards the state of all watches."""
+
+    def __init__(self, settings, logger, outbox):
+        self.settings = settings
+        self.logger = logger
+        self.outbox = outbox
+        self._changed = threading.Condition()
+        self._states = {}
+        self._observers = {}
+        self._stopping = False
+
+    # ---- watching
+    def start(self, watches, process_existing):
+        """Watch ``watches``; with ``process_existing``, dirty the ones that already hold files."""
+        for watch in watches:
+            state = WatchState(watch)
+            self._states[watch.section] = state
+            self._observe(state, process_existing)
+        for observer in self._observers.values():
+            if not observer.is_alive():
+                observer.start()
+
+    def stop_watching(self):
+        for observer in self._observers.values():
+            observer.stop()
+        for observer in self._observers.values():
+            if observer.is_alive():
+                observer.join(5)
+        self._observers = {}
+
+    def _observer(self, polling):
+        from watchdog.observers import Observer
+        from watchdog.observers.polling import PollingObserver
+        if polling not in self._observers:
+            if polling:
+                observer = PollingObserver(timeout=self.settings.polling_interval)
+            else:
+                try:
+                    from watchdog.observers.inotify import InotifyObserver
+                    # Full events: a file moved in from elsewhere is a move, not a create.
+                    observer = InotifyObserver(generate_full_events=True)
+                except (ImportError, OSError):
+                    observer = Observer()
+            observer.daemon = True
+            self._observers[polling] = observer
+        return self._observers[polling]
+
+    def _observe(self, state, process_existing):
+        watch = state.watch
+        observer = self._observer(watch.polling)
+        if os.path.isdir(watch.path):
+            try:
+                state.observed = observer.schedule(EventHandler(self, state), watch.path, recursive=watch.recursive)
+            except OSError as exc:
+                self.logger.error('[%s] cannot watch %s: %s', watch.section, watch.path, exc)
+                return
+            self.logger.log(botslog.STARTINFO, '[%s] watching %s (%s%s) for route "%s".', watch.section,
+                            watch.path, watch.filemask, ', recursive' if watch.recursive else '', watch.route)
+            if process_existing and watch.existing_files():
+                self.logger.info('[%s] files are waiting in %s.', watch.section, watch.path)
+                self._dirty(state, None)
+            return
+        ancestor = os.path.dirname(watch.path)
+        while not os.path.isdir(ancestor) and os.path.dirname(ancestor) != ancestor:
+            ancestor = os.path.dirname(ancestor)
+        self.logger.warning('[%s] directory %s does not exist; it is watched for once it appears.',
+                            watch.section, watch.path)
+        state.observed = observer.schedule(AppearHandler(self, state), ancestor, recursive=False)
+
+    def _reobserve(self, state):
+        """The directory appeared or vanished: watch it again, or wait for it."""
+        with self._changed:
+            if self._stopping or self._states.get(state.watch.section) is not state:
+                return
+        observer = self._observer(state.watch.polling)
+        if state.observed is not None:
+            try:
+                observer.unschedule(state.observed)
+            except (KeyError, OSError):
+                pass
+            state.observed = None
+        if os.path.isdir(state.watch.path):
+            self.logger.log(botslog.STARTINFO, '[%s] directory %s appeared.', state.watch.section, state.watch.path)
+            self._observe(state, True)
+        else:
+            self._observe(state, False)
+
+    # ---- events (called from watchdog's threads)
+    def file_event(self, state, kind, path):
+        if not state.watch.matches(path):
+            return
+        with self._changed:
+            now = time.monotonic()
+            if kind == 'writing':
+                state.writing[path] = now
+            else:
+                state.writing.pop(path, None)
+            if kind != 'gone':
+                state.dirty = True
+                state.last_event = now
+            self._changed.notify()
+
+    def _dirty(self, state, path):
+        with self._changed:
+            state.dirty = True
+            state.last_event = time.monotonic()
+            self._changed.notify()
+
+    # ---- settling
+    def settle_loop(self):
+        """Send a watch's job once its files are quiet; sleep until the next one is due."""
+        quiet = self.settings.quiet_period
+        pause_limit = self.settings.write_pause_limit
+        with self._changed:
+            while not self._stopping:
+                now = time.monotonic()
+                next_due = None
+                for state in self._states.values():
+                    if not state.dirty:
+                        continue
+                    for path, seen in list(state.writing.items()):
+                        if now - seen >= pause_limit:
+                            self.logger.warning('[%s] %s was not closed after %s seconds; taken as complete.',
+                                                state.watch.section, path, pause_limit)
+                            del state.writing[path]
+                    if state.writing:
+                        due = min(state.writing.values()) + pause_limit
+                    else:
+                        due = state.last_event + quiet
+                        if due <= now:
+                            state.dirty = False
+                            self.logger.info('[%s] files arrived; queueing route "%s".',
+                                             state.watch.section, state.watch.route)
+                            self.outbox.put(state.watch.task, state.watch.priority)
+                            continue
+                    next_due = due if next_due is None else min(next_due, due)
+                self._changed.wait(None if next_due is None else max(0.001, next_due - now))
+
+    def stop(self):
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        self.stop_watching()
+
+
+def _handler_base():
+    from watchdog.events import FileSystemEventHandler
+    return FileSystemEventHandler
+
+
+class EventHandler(_handler_base()):
+    """Sorts watchdog's events of one directory into 'writing', 'complete' and 'gone'."""
+
+    def __init__(self, monitor, state):
+        self.monitor = monitor
+        self.state = state
+        # Only where close events exist can a file be known to be still open.
+        self.knows_closes = not state.watch.polling and sys.platform.startswith('linux')
+
+    def on_created(self, event):
+        if not event.is_directory:
+            self.monitor.file_event(self.state, 'writing' if self.knows_closes else 'complete', event.src_path)
+
+    def on_modified(self, event):
+        if not event.is_directory:
+            self.monitor.file_event(self.state, 'writing' if self.knows_closes else 'complete', event.src_path)
+
+    def on_closed(self, event):
+        self.monitor.file_event(self.state, 'complete', event.src_path)
+
+    def on_moved(self, event):
+        if event.is_directory:
+            if event.src_path == self.state.watch.path:
+                self.monitor._reobserve(self.state)
+            return
+        if event.src_path:
+            self.monitor.file_event(self.state, 'gone', event.src_path)
+        if event.dest_path:
+            self.monitor.file_event(self.state, 'complete', event.dest_path)
+
+    def on_deleted(self, event):
+        if event.src_path == self.state.watch.path:
+            self.monitor.logger.warning('[%s] directory %s disappeared; it is watched for once it appears again.',
+                                        self.state.watch.section, self.state.watch.path)
+            threading.Thread(target=self.monitor._reobserve, args=(self.state,), daemon=True).start()
+        elif not event.is_directory:
+            self.monitor.file_event(self.state, 'gone', event.src_path)
+
+
+class AppearHandler(_handler_base()):
+    """Watches the nearest existing parent of a missing directory until the directory exists."""
+
+    def __init__(self, monitor, state):
+        self.monitor = monitor
+        self.state = state
+
+    def on_any_event(self, event):
+        if event.is_directory and event.event_type in ('created', 'moved'):
+            threading.Thread(target=self.monitor._reobserve, args=(self.state,), daemon=True).start()
+
+
+def parse_args(argv, name):
+    configdir = 'config'
+    for arg in argv:
+        if arg in ('-h', '--help', '?', '/?'):
+            print(USAGE % {'name': name, 'version': __version__})
+            sys.exit(0)
+        elif arg.startswith('-c'):
+            configdir = config.split_configdir_option(arg)
+        else:
+            raise config.ConfigError('Error: unknown option "%s"; see %s --help' % (arg, name))
+    return configdir
+
+
+def load(configdir):
+    environment = config.load(configdir)
+    environment.require_jobqueue_enabled()
+    return environment, MonitorSettings(environment)
+
+
+def start():
+    """Console script entry point."""
+    name = os.path.basename(sys.argv[0])
+    commands = queue.SimpleQueue()
+    for signame, command in (('SIGTERM', 'stop'), ('SIGINT', 'stop'), ('SIGBREAK', 'stop'), ('SIGHUP', 'reload')):
+        if hasattr(signal, signame):
+            signal.signal(getattr(signal, signame), lambda signum, frame, command=command: commands.put(command))
+    try:
+        configdir = parse_args(sys.argv[1:], name)
+        environment, settings = load(configdir)
+        logger = botslog.init(environment, 'dirmonitor')
+    except config.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(1)
+    logger.log(botslog.STARTINFO, 'Bots dirmonitor started.')
+    logger.log(botslog.STARTINFO, 'Bots dirmonitor configdir: "%s".', environment.configdir)
+    if not settings.watches:
+        logger.warning('No [dirmonitorN] sections in %s: nothing to watch.',
+                       os.path.join(environment.configdir, 'bots.ini'))
+    outbox = Outbox(settings, logger)
+    sender = threading.Thread(target=outbox.run, name='outbox', daemon=True)
+    sender.start()
+    monitor = run_monitor(settings, logger, outbox, settings.process_existing)
+    while True:
+        command = commands.get()
+        if command == 'stop':
+            break
+        try:
+            environment, new_settings = load(configdir)
+        except config.ConfigError as exc:
+            logger.error('Configuration not reloaded: %s', exc)
+            continue
+        logger.log(botslog.STARTINFO, 'Bots dirmonitor reloads its configuration.')
+        known = {watch.identity() for watch in settings.watches}
+        monitor.stop()
+        outbox.settings = settings = new_settings
+        monitor = run_monitor(settings, logger, outbox, False,
+                              [w for w in settings.watches if w.identity() not in known])
+    logger.log(botslog.STARTINFO, 'Bots dirmonitor stops.')
+    monitor.stop()
+    outbox.stop()
+    sender.join(settings.client_timeout + 5)
+    logger.log(botslog.STARTINFO, 'Bots dirmonitor stopped.')
+    sys.exit(0)
+
+
+def run_monitor(settings, logger, outbox, process_existing, new_watches=()):
+    """Start watching; ``new_watches`` (after a reload) get process_existing as at a start."""
+    monitor = DirMonitor(settings, logger, outbox)
+    monitor.start([w for w in settings.watches if w not in new_watches], process_existing)
+    if new_watches:
+        monitor.start(list(new_watches), settings.process_existing)
+    threading.Thread(target=monitor.settle_loop, name='settle', daemon=True).start()
+    return monitor
+
+
+if __name__ == '__main__':
+    start()
