@@ -1,0 +1,195 @@
+"""Hostile input and load: the server refuses clearly, keeps running and loses nothing."""
+import os
+import socket
+import threading
+import time
+import xmlrpc.client
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import wait_until
+
+
+def raw_request(port, head, body=b'', timeout=10):
+    with socket.create_connection(('127.0.0.1', port), timeout=timeout) as sock:
+        sock.sendall(head + body)
+        answer = b''
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
+def post(port, body, headers=b''):
+    head = (b'POST /RPC2 HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n'
+            b'Connection: close\r\n%s\r\n' % (len(body), headers))
+    return raw_request(port, head, body)
+
+
+def still_serves(environment):
+    assert environment.proxy().addjob(['isup'], 5) == 0
+
+
+def test_oversized_body_is_refused_before_it_is_read(server):
+    answer = raw_request(server.port, b'POST /RPC2 HTTP/1.1\r\nHost: x\r\nContent-Length: 500000000\r\n\r\n')
+    assert answer.startswith(b'HTTP/1.1 413')
+    still_serves(server)
+
+
+def test_missing_length_and_compressed_bodies_are_refused(server):
+    assert raw_request(server.port, b'POST /RPC2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
+                       ).startswith(b'HTTP/1.1 411')
+    assert post(server.port, b'\x1f\x8b', b'Content-Encoding: gzip\r\n').startswith(b'HTTP/1.1 415')
+    still_serves(server)
+
+
+def test_entity_expansion_is_refused(server):
+    entities = ''.join('<!ENTITY e%d "%s">' % (n, ('&e%d;' % (n - 1)) * 10) for n in range(1, 10))
+    body = ('<?xml version="1.0"?><!DOCTYPE x [<!ENTITY e0 "lol">%s]><methodCall><methodName>addjob'
+            '</methodName><params><param><value><array><data><value><string>&e9;</string></value></data>'
+            '</array></value></param><param><value><int>5</int></value></param></params></methodCall>'
+            % entities).encode()
+    answer = post(server.port, body)
+    assert b'<fault>' in answer or answer.startswith(b'HTTP/1.1 4')
+    still_serves(server)
+    assert server.proxy().listjobs() == []
+
+
+def test_deep_nesting_is_refused(server):
+    depth = 20000
+    body = (b'<?xml version="1.0"?><methodCall><methodName>addjob</methodName><params><param><value>'
+            + b'<array><data><value>' * depth + b'</value></data></array>' * depth
+            + b'</value></param><param><value><int>5</int></value></param></params></methodCall>')
+    answer = post(server.port, body)
+    assert b'<fault>' in answer or answer.startswith(b'HTTP/1.1 4')
+    still_serves(server)
+
+
+def test_garbage_and_unknown_methods(server):
+    for body in (b'\x00\xff' * 100, b'<methodCall><methodName>os.system</methodName></methodCall>',
+                 b'<?xml version="1.0"?><methodCall><methodName>_dispatch</methodName><params/></methodCall>'):
+        answer = post(server.port, body)
+        assert b'<fault>' in answer, answer[:200]
+    assert raw_request(server.port, b'GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
+                       ).startswith(b'HTTP/1.1 501')
+    still_serves(server)
+
+
+def test_idle_connections_do_not_block_others_and_are_bounded(environment):
+    environment.write_ini(jobqueue='max_connections = 4\nrequest_timeout = 1')
+    environment.start_server()
+    idle = [socket.create_connection(('127.0.0.1', environment.port)) for _ in range(3)]
+    try:
+        still_serves(environment)                       # the fourth slot
+        extra = [socket.create_connection(('127.0.0.1', environment.port)) for _ in range(2)]
+        # All four slots taken: one more connection gets a quick 503, not a hang.
+        with pytest.raises(xmlrpc.client.ProtocolError) as refused:
+            environment.proxy().addjob(['isup'], 5)
+        assert refused.value.errcode == 503
+        for sock in extra:
+            sock.close()
+        # Idle connections are closed after request_timeout; then everyone is served again.
+        wait_until(lambda: _serves(environment), timeout=10, message='the slots to free up')
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def _serves(environment):
+    try:
+        return environment.proxy().addjob(['isup'], 5) == 0
+    except (xmlrpc.client.ProtocolError, OSError):
+        return False
+
+
+def test_many_concurrent_clients_lose_nothing_and_never_duplicate(server):
+    proxy = server.proxy()
+    proxy.addjob(server.engine('blocker', '--sleep=3'), 5)
+    wait_until(lambda: server.runs('start'), message='the blocker to start')
+    answers = []
+    errors = []
+
+    def client(number):
+        try:
+            local = server.proxy()
+            for call in range(40):
+                task = server.engine('route%d' % ((number + call) % 10))
+                answers.append((tuple(task), local.addjob(task, 1 + (number * call) % 9)))
+        except Exception as exc:          # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(number,)) for number in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert len(answers) == 24 * 40
+    assert {code for _, code in answers} <= {0, 4}
+    waiting = proxy.listjobs()
+    tasks = [tuple(job[2]) for job in waiting]
+    assert len(tasks) == len(set(tasks)) == 10
+    numbers = [job[1] for job in waiting]
+    assert len(set(numbers)) == 10
+
+
+def test_a_job_flooding_its_output_keeps_server_memory_and_disk_bounded(environment):
+    environment.write_ini(jobqueue='output_limit = 65536')
+    environment.start_server()
+    proxy = environment.proxy()
+    proxy.addjob(environment.engine('flood', '--print=300000000'), 5)
+    wait_until(lambda: 'Finished job 1' in environment.log(), timeout=120, message='the flood to end')
+    rss_kb = _rss_kb(environment.server.pid)
+    assert rss_kb < 100 * 1024, rss_kb
+    size = sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(environment.botssys) for name in names)
+    assert size < 5 * 1024 * 1024, size
+    assert proxy.history(1)[0]['exitcode'] == 0
+
+
+def _rss_kb(pid):
+    with open('/proc/%d/status' % pid) as handle:
+        for line in handle:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1])
+    raise AssertionError('no VmHWM for %d' % pid)
+
+
+xmlrpc_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2 ** 31, 2 ** 31 - 1) | st.floats(allow_nan=False)
+    | st.text(st.characters(blacklist_categories=('Cs',), blacklist_characters='\x00\r'), max_size=30),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(method=st.sampled_from(['addjob', 'listjobs', 'clearjobq', 'removejob', 'showjob', 'history',
+                               'status', 'getjob', 'nosuchmethod']),
+       params=st.lists(xmlrpc_values, max_size=3))
+def test_fuzz_random_calls_never_break_the_server(fuzz_server, method, params):
+    try:
+        body = xmlrpc.client.dumps(tuple(params), method, allow_none=True).encode('utf-8')
+    except (TypeError, OverflowError, ValueError):
+        return
+    answer = post(fuzz_server.port, body)
+    assert answer.startswith(b'HTTP/1.1 200'), answer[:200]
+    proxy = fuzz_server.proxy()
+    assert proxy.addjob(['isup'], 5) == 0
+    tasks = [tuple(job[2]) for job in proxy.listjobs()]
+    assert len(tasks) == len(set(tasks))
+    assert fuzz_server.runs('start') == []        # nothing random was ever authorized to run
+
+
+@pytest.fixture(scope='module')
+def fuzz_server(tmp_path_factory):
+    from conftest import Environment
+    environment = Environment(tmp_path_factory.mktemp('fuzz'))
+    environment.start_server()
+    yield environment
+    environment.stop_server()
