@@ -1,0 +1,397 @@
+"""Benchmark of the Bots job queue: each figure against its reference, measured in the same run.
+
+    .venv/bin/python tests/bench.py            # the table
+    .venv/bin/python tests/bench.py --json     # the same figures as JSON
+
+Needs the project installed in the running interpreter's environment (its
+console scripts beside the interpreter), and task-spooler (``tsp``) for the
+dispatch-gap reference; without tsp that reference is skipped, and said so.
+Not collected by pytest.  Takes a few minutes on a 2-core machine.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import xmlrpc.client
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from bots.store import Store  # noqa: E402  (the product's own schema, to fill a queue quickly)
+
+FAKE_ENGINE = os.path.join(HERE, 'fake_engine.py')
+BIN = os.path.dirname(sys.executable)
+DEPTH = 100000
+CALLS = 3000
+
+BARE_SERVER = textwrap.dedent('''
+    import sys
+    from xmlrpc.server import SimpleXMLRPCServer
+    jobs = [[5, number, ['x', str(number)]] for number in range(int(sys.argv[2]))]
+    server = SimpleXMLRPCServer(('127.0.0.1', int(sys.argv[1])), logRequests=False)
+    def addjob(task, priority):
+        jobs.append([priority, len(jobs) + 1, task])
+        return 0
+    server.register_function(addjob)
+    server.serve_forever()
+''')
+
+CLIENT = textwrap.dedent('''
+    import sys, time, xmlrpc.client
+    port, calls, prefix = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+    proxy = xmlrpc.client.ServerProxy('http://127.0.0.1:%d' % port)
+    for number in range(50):
+        proxy.addjob(prefix + ['warmup-%d' % number], 5)
+    started = time.perf_counter()
+    for number in range(calls):
+        assert proxy.addjob(prefix + ['call-%d' % number], 5) == 0
+    print(calls / (time.perf_counter() - started))
+''')
+
+PROBE = '#!/bin/sh\necho "S $(date +%s%N) $2" >> "$1"\necho "E $(date +%s%N) $2" >> "$1"\n'
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout=60, interval=0.005):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    raise RuntimeError('timed out')
+
+
+def answers(port):
+    try:
+        return xmlrpc.client.ServerProxy('http://127.0.0.1:%d' % port).addjob(['isup'], 5) == 0
+    except (OSError, xmlrpc.client.Error):
+        return False
+
+
+def rss_mb(pid, field='VmHWM'):
+    with open('/proc/%d/status' % pid) as handle:
+        for line in handle:
+            if line.startswith(field + ':'):
+                return int(line.split()[1]) / 1024.0
+    return float('nan')
+
+
+class Environment:
+    """A temporary Bots environment and a server started on it."""
+
+    def __init__(self, root, ini_extra=''):
+        self.root = root
+        self.configdir = os.path.join(root, 'config')
+        self.port = free_port()
+        self.probe = os.path.join(root, 'probe.sh')
+        self.record = os.path.join(root, 'runs.jsonl')
+        os.makedirs(self.configdir)
+        with open(self.probe, 'w') as handle:
+            handle.write(PROBE)
+        os.chmod(self.probe, 0o755)
+        with open(os.path.join(self.configdir, 'bots.ini'), 'w') as handle:
+            handle.write(textwrap.dedent('''\
+                [settings]
+                python_executable_path = {python}
+                botsengine_path = {engine}
+                [jobqueue]
+                enabled = True
+                port = {port}
+                log_console = False
+                authorized_tasks = {probe}
+                ''').format(python=sys.executable, engine=FAKE_ENGINE, port=self.port, probe=self.probe)
+                + ini_extra)
+        self.env = dict(os.environ, FAKE_ENGINE_RECORD=self.record, PATH=BIN + os.pathsep + os.environ['PATH'])
+        self.server = None
+
+    def start_server(self):
+        self.server = subprocess.Popen([os.path.join(BIN, 'bots-jobqueueserver'), '-c' + self.configdir],
+                                       cwd=self.root, env=self.env)
+        started = time.perf_counter()
+        wait_for(lambda: answers(self.port))
+        return time.perf_counter() - started
+
+    def kill_server(self):
+        self.server.send_signal(signal.SIGKILL)
+        self.server.wait()
+
+    def stop_server(self):
+        self.server.send_signal(signal.SIGTERM)
+        try:
+            self.server.wait(30)
+        except subprocess.TimeoutExpired:
+            self.kill_server()
+
+    def proxy(self):
+        return xmlrpc.client.ServerProxy('http://127.0.0.1:%d' % self.port)
+
+    def engine(self, *args):
+        return [sys.executable, FAKE_ENGINE] + list(args)
+
+
+def client_rate(port, prefix):
+    output = subprocess.run([sys.executable, '-c', CLIENT, str(port), str(CALLS)] + prefix, capture_output=True,
+                            text=True, check=True).stdout
+    return float(output)
+
+
+def bare_rate(depth):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, '-c', BARE_SERVER, str(port), str(depth)])
+    try:
+        wait_for(lambda: _connects(port))
+        return client_rate(port, ['x'])
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _connects(port):
+    try:
+        socket.create_connection(('127.0.0.1', port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def fill_store(environment, count):
+    """Store ``count`` waiting jobs the way the server stores them, in one transaction."""
+    path = os.path.join(environment.root, 'botssys', 'jobqueue.db')
+    Store(path).close()
+    with sqlite3.connect(path) as db:
+        db.executemany('INSERT INTO job (priority, task) VALUES (?, ?)',
+                       ((1 + number % 9, json.dumps(environment.engine('stored-%d' % number)))
+                        for number in range(count)))
+
+
+def bench_addjob(results, root):
+    """addjob calls/s at depth 0 and DEPTH; server RSS and restart time with DEPTH stored jobs."""
+    for depth in (0, DEPTH):
+        environment = Environment(os.path.join(root, 'addjob-%d' % depth))
+        blocker = environment.engine('blocker', '--sleep=3600')
+        if depth:
+            fill_store(environment, depth)
+        environment.start_server()
+        # A long first job keeps the runner busy, so added jobs wait (and the CPU is the server's).
+        environment.proxy().addjob(blocker, 1)
+        ours = client_rate(environment.port, environment.engine('added'))
+        reference = bare_rate(depth)
+        results.append(('addjob calls/s, depth %d' % depth, ours, reference, ours / reference, '>= 0.9',
+                        ours / reference >= 0.9))
+        if depth:
+            waiting = len(environment.proxy().listjobs())
+            results.append(('server peak RSS MB, %d waiting' % waiting, rss_mb(environment.server.pid), None,
+                            None, '< 100', rss_mb(environment.server.pid) < 100))
+            environment.kill_server()
+            took = environment.start_server()
+            results.append(('restart with %d stored jobs, s' % waiting, took, None, None, '< 2', took < 2))
+        environment.kill_server()
+        _kill_recorded(environment)
+
+
+def _kill_recorded(environment):
+    try:
+        with open(environment.record) as handle:
+            for line in handle:
+                entry = json.loads(line)
+                try:
+                    os.killpg(entry['pid'], signal.SIGKILL)
+                except OSError:
+                    pass
+    except FileNotFoundError:
+        pass
+
+
+def read_probe(path):
+    starts, ends = {}, {}
+    with open(path) as handle:
+        for line in handle:
+            kind, stamp, number = line.split()
+            (starts if kind == 'S' else ends)[int(number)] = int(stamp) / 1e9
+    order = sorted(starts, key=starts.get)
+    return [starts[b] - ends[a] for a, b in zip(order, order[1:])]
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def bench_dispatch(results, root, jobs=120):
+    """End of job i to start of job i+1, ours against tsp with the same probe jobs."""
+    environment = Environment(os.path.join(root, 'dispatch'))
+    environment.start_server()
+    proxy = environment.proxy()
+    gate = os.path.join(root, 'dispatch', 'gate')
+    open(gate, 'w').close()
+    # The first job waits for the gate file to go, so that all probe jobs are queued before any runs.
+    proxy.addjob(environment.engine('gate', '--sleep=1'), 1)
+    record = os.path.join(root, 'dispatch', 'ours.txt')
+    for number in range(jobs):
+        proxy.addjob([environment.probe, record, str(number)], 5)
+    wait_for(lambda: _lines(record) == 2 * jobs, timeout=120, interval=0.05)
+    environment.stop_server()
+    ours = read_probe(record)
+    tsp = shutil.which('tsp') or shutil.which('ts')
+    if tsp is None:
+        results.append(('dispatch gap ms, median', statistics.median(ours) * 1000, None, None,
+                        '<= 1.0 of tsp (tsp not installed: apt-get install task-spooler)', None))
+        return
+    socket_path = os.path.join(root, 'tsp.socket')
+    env = dict(os.environ, TS_SOCKET=socket_path, TS_MAXFINISHED='1000', TMPDIR=root)
+    subprocess.run([tsp, '-S', '1'], env=env, check=True, capture_output=True)
+    reference_record = os.path.join(root, 'dispatch', 'tsp.txt')
+    subprocess.run([tsp, 'sleep', '1'], env=env, check=True, capture_output=True)
+    for number in range(jobs):
+        subprocess.run([tsp, environment.probe, reference_record, str(number)], env=env, check=True,
+                       capture_output=True)
+    wait_for(lambda: _lines(reference_record) == 2 * jobs, timeout=120, interval=0.05)
+    subprocess.run([tsp, '-K'], env=env, capture_output=True)
+    reference = read_probe(reference_record)
+    for name, fraction in (('median', 0.5), ('p90', 0.9)):
+        mine, theirs = percentile(ours, fraction) * 1000, percentile(reference, fraction) * 1000
+        results.append(('dispatch gap ms, %s' % name, mine, theirs, mine / theirs, '<= 1.0',
+                        mine / theirs <= 1.0))
+
+
+def _lines(path):
+    try:
+        with open(path) as handle:
+            return sum(1 for _ in handle)
+    except FileNotFoundError:
+        return 0
+
+
+def bench_job2queue(results, root, runs=30):
+    environment = Environment(os.path.join(root, 'job2queue'))
+    environment.start_server()
+    environment.proxy().addjob(environment.engine('blocker', '--sleep=3600'), 1)
+    script = os.path.join(BIN, 'bots-job2queue')
+
+    def timed(argv):
+        started = time.perf_counter()
+        subprocess.run(argv, cwd=environment.root, env=environment.env, stdout=subprocess.DEVNULL, check=False)
+        return time.perf_counter() - started
+
+    ours, reference = [], []
+    for number in range(runs):
+        ours.append(timed([script, '-c' + environment.configdir] + environment.engine('j%d' % number)))
+        reference.append(timed([sys.executable, '-c', 'pass']))
+    mine, theirs = statistics.median(ours) * 1000, statistics.median(reference) * 1000
+    results.append(('bots-job2queue wall ms, median', mine, theirs, mine / theirs, '<= 2.0', mine / theirs <= 2.0))
+    environment.kill_server()
+    _kill_recorded(environment)
+
+
+def bench_dirmonitor(results, root, quiet=1.0, samples=5, burst=10000):
+    base = os.path.join(root, 'dirmonitor')
+    inbox, other = os.path.join(base, 'in'), os.path.join(base, 'other')
+    environment = Environment(base, textwrap.dedent('''
+        [dirmonitor]
+        quiet_period = {quiet}
+        log_console = False
+        [dirmonitor1]
+        path = {inbox}
+        route = inbound
+        [dirmonitor2]
+        path = {other}
+        route = other
+        ''').format(quiet=quiet, inbox=inbox, other=other))
+    os.makedirs(inbox)
+    os.makedirs(other)
+    environment.start_server()
+    monitor = subprocess.Popen([os.path.join(BIN, 'bots-dirmonitor'), '-c' + environment.configdir],
+                               cwd=base, env=environment.env)
+    time.sleep(1.5)
+    latencies = []
+    for sample in range(samples):
+        before = _runs(environment)
+        with open(os.path.join(inbox, 'sample%d.edi' % sample), 'w') as handle:
+            handle.write('x')
+        closed = time.time()
+        wait_for(lambda: len(_runs(environment)) > len(before), timeout=30)
+        # The engine's own start time: queueing plus dispatch, so this errs on the long side.
+        latencies.append(_runs(environment)[-1]['time'] - closed)
+        time.sleep(0.5)
+    median = statistics.median(latencies)
+    results.append(('dirmonitor file closed -> job queued, s', median, quiet, median - quiet,
+                    '<= quiet + 0.1', median <= quiet + 0.1))
+    before = len(_runs(environment))
+    for number in range(burst):
+        with open(os.path.join(inbox if number % 2 else other, 'burst%05d.edi' % number), 'w') as handle:
+            handle.write('x')
+    time.sleep(quiet + 5)
+    wait_for(lambda: len(_runs(environment, 'end')) >= before + 2, timeout=60)
+    routes = [run['argv'][-1] for run in _runs(environment)[before:]]
+    peak = rss_mb(monitor.pid)
+    results.append(('dirmonitor %d-file burst: jobs inbound/other' % burst,
+                    '%d/%d' % (routes.count('inbound'), routes.count('other')), None, None, '1/1',
+                    routes.count('inbound') == 1 and routes.count('other') == 1))
+    results.append(('dirmonitor peak RSS MB after the burst', peak, None, None, '< 100', peak < 100))
+    monitor.send_signal(signal.SIGTERM)
+    monitor.wait(30)
+    environment.kill_server()
+
+
+def _runs(environment, event='start'):
+    try:
+        with open(environment.record) as handle:
+            return [entry for entry in map(json.loads, handle) if entry['event'] == event]
+    except FileNotFoundError:
+        return []
+
+
+def show(results):
+    rows = [('figure', 'ours', 'reference', 'ratio', 'target', 'met')]
+    for name, ours, reference, ratio, target, met in results:
+        rows.append((name, _fmt(ours), _fmt(reference), _fmt(ratio), target,
+                     '-' if met is None else ('yes' if met else 'NO')))
+    widths = [max(len(row[column]) for row in rows) for column in range(6)]
+    for index, row in enumerate(rows):
+        print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        if index == 0:
+            print('  '.join('-' * width for width in widths))
+
+
+def _fmt(value):
+    if value is None:
+        return '-'
+    if isinstance(value, float):
+        return '%.3f' % value if abs(value) < 10 else '%.0f' % value
+    return str(value)
+
+
+def main():
+    as_json = '--json' in sys.argv[1:]
+    results = []
+    root = tempfile.mkdtemp(prefix='bots-bench-')
+    try:
+        bench_addjob(results, root)
+        bench_dispatch(results, root)
+        bench_job2queue(results, root)
+        bench_dirmonitor(results, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if as_json:
+        print(json.dumps([dict(zip(('figure', 'ours', 'reference', 'ratio', 'target', 'met'), row))
+                          for row in results], indent=2))
+    else:
+        print('Machine: %s, %d cores, Python %s' % (os.uname().machine, os.cpu_count(),
+                                                     sys.version.split()[0]))
+        show(results)
+
+
+if __name__ == '__main__':
+    main()
