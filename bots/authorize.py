@@ -14,6 +14,7 @@ called ``bots-engine.py`` in some other directory is not the engine.
 """
 import os
 import shutil
+import time
 
 ENGINE_NAMES = ('bots-engine', 'bots-engine.py')
 
@@ -32,10 +33,32 @@ def resolve_program(name):
     return _real(found) if found else None
 
 
+class ResolveCache:
+    """``resolve_program`` with answers kept a few seconds: adds come in bursts with the same
+    programs, and resolving a path costs a system call per component.  Launching never uses it."""
+
+    def __init__(self, seconds=2.0, size=4096):
+        self.seconds = seconds
+        self.size = size
+        self._answers = {}
+
+    def __call__(self, name):
+        now = time.monotonic()
+        answer = self._answers.get(name)
+        if answer is not None and answer[0] > now:
+            return answer[1]
+        if len(self._answers) >= self.size:
+            self._answers.clear()
+        program = resolve_program(name)
+        self._answers[name] = (now + self.seconds, program)
+        return program
+
+
 class Authorizer:
     """Decides whether a task may run.  Built once from the configuration."""
 
     def __init__(self, python_executable_path, botsengine_path, authorized_tasks, interpreter):
+        self._cached = ResolveCache()
         self.allow_all = authorized_tasks.strip() == '*'
         self.interpreters = {p for p in (resolve_program(python_executable_path),
                                          resolve_program(interpreter)) if p}
@@ -51,15 +74,23 @@ class Authorizer:
 
     def executable(self, task):
         """The file to execute for ``task`` when the task is allowed; else None."""
-        program = resolve_program(task[0])
+        return self._check(task, resolve_program)
+
+    def allows(self, task):
+        """True when ``task`` may be queued (the same rules; answers may be a few seconds old)."""
+        return self._check(task, self._cached) is not None
+
+    def _check(self, task, resolve):
+        program = resolve(task[0])
         if self.allow_all:
             return program or task[0]
         if program in self.programs:
             return program
         if program in self.interpreters and len(task) > 1:
-            # The interpreter opens its script relative to the working directory, not the PATH.
-            script = task[1]
-            if os.path.isfile(script) and _real(script) in self.programs:
+            # The interpreter opens its script relative to the working directory, not the PATH,
+            # so a bare name here is a file in the working directory: give it a path.
+            script = task[1] if os.sep in task[1] else os.path.join('.', task[1])
+            if resolve(script) in self.programs:
                 return program
         return None
 

@@ -104,6 +104,24 @@ class JobQueue:
             jobs.extend(job for job, _ in sorted(self._delayed.values(), key=lambda d: d[0].jobnumber))
             return jobs
 
+    def first(self, count):
+        """The first ``count`` waiting jobs in launch order (cheap for a long queue)."""
+        with self._lock:
+            live = (entry for entry in heapq.nsmallest(count + len(self._heap) - len(self._waiting), self._heap)
+                    if self._is_live(entry))
+            jobs = [self._waiting[entry[1]] for entry in live][:count]
+            if len(jobs) < count:
+                jobs.extend(job for job, _ in sorted(self._delayed.values(), key=lambda d: d[0].jobnumber))
+            return jobs[:count]
+
+    def get(self, jobnumber):
+        """The waiting (or delayed) job with this number, or None."""
+        with self._lock:
+            job = self._waiting.get(jobnumber)
+            if job is None and jobnumber in self._delayed:
+                job = self._delayed[jobnumber][0]
+            return job
+
     def clear(self):
         """Remove every waiting job; return how many were removed."""
         with self._lock:
@@ -187,13 +205,16 @@ class JobQueue:
             self._changed.notify_all()
 
     # ---- internals, called with the lock held
+    def _is_live(self, entry):
+        job = self._waiting.get(entry[1])
+        return job is not None and job.priority == entry[0]
+
     def _pop(self):
         heap = self._heap
         while heap:
-            priority, jobnumber = heapq.heappop(heap)
-            job = self._waiting.get(jobnumber)
-            if job is not None and job.priority == priority:
-                del self._waiting[jobnumber]
+            entry = heapq.heappop(heap)
+            if self._is_live(entry):
+                job = self._waiting.pop(entry[1])
                 del self._by_task[job.task]
                 return job
         return None

@@ -4,6 +4,7 @@ This module wires the parts together and owns the process: options, start-up
 (restoring the stored queue), the one place where signals are handled, and
 the shutdown.
 """
+import gc
 import os
 import signal
 import sys
@@ -61,15 +62,17 @@ def lock_environment(botssys):
 
 def restore_queue(store, queue, launcher, logger):
     """Put the stored jobs back: waiting ones in order; running ones waited for or queued again."""
-    stored = store.load()
-    for item in stored:
-        if item.state != 'running':
+    count = 0
+    running = []
+    for item in store.load():
+        count += 1
+        if item.state == 'running':
+            running.append(item)
+        else:
             queue.restore(Job(item.jobnumber, item.priority, canonical_task(item.task), item.requeued, item.locked),
                           item.not_before if item.state == 'delayed' else None)
     queue.finish_restore()
-    for item in stored:
-        if item.state != 'running':
-            continue
+    for item in running:
         if item.pid and is_alive(item.pid, item.pid_start):
             launcher.adopt(item)
         elif item.requeued == 0:
@@ -80,7 +83,11 @@ def restore_queue(store, queue, launcher, logger):
             logger.error('Job %s was cut off by a server stop again; not queued a third time: %s',
                          item.jobnumber, item.task)
             store.finish(item, item.started, None, None, 'lost', '')
-    return len(stored)
+    # What was restored lives as long as the server: keep the garbage collector from scanning it again
+    # and again (gc.freeze, for long-lived objects created at start-up).
+    gc.collect()
+    gc.freeze()
+    return count
 
 
 def serve(environment, stop):

@@ -12,7 +12,7 @@ from . import __version__, config, rpcclient
 USAGE = '''\
 This is "%(name)s" version %(version)s: look at and manage the Bots job queue.
 Usage:
-    %(name)s [-c<directory>] [--json] status        running and waiting jobs
+    %(name)s [-c<directory>] [--json] [--all] status  running jobs, the first 100 waiting (--all: every one)
     %(name)s [-c<directory>] [--json] history [N]   the last N finished jobs (default 20)
     %(name)s [-c<directory>] [--json] show N        one job, with its output when finished
     %(name)s [-c<directory>] remove N               remove waiting job N
@@ -46,17 +46,20 @@ def task_text(task):
 
 def print_status(answer):
     running, waiting = answer['running'], answer['waiting']
+    more = answer['waiting_count'] - len(waiting)
     print('Running (%d):' % len(running))
     if running:
         print('  %-6s %-8s %-10s %s' % ('JOB', 'PID', 'FOR', 'TASK'))
         for job in running:
             print('  %-6s %-8s %-10s %s' % (job['jobnumber'], job['pid'], duration(job['running_for']),
                                              task_text(job['task'])))
-    print('Waiting (%d):' % len(waiting))
+    print('Waiting (%d):' % answer['waiting_count'])
     if waiting:
         print('  %-6s %-4s %s' % ('JOB', 'PRIO', 'TASK'))
         for priority, jobnumber, task in waiting:
             print('  %-6s %-4s %s' % (jobnumber, priority, task_text(task)))
+    if more > 0:
+        print('  ... and %d more (bots-jobqueue status --all)' % more)
 
 
 def print_history(records):
@@ -87,6 +90,7 @@ def start():
     args = sys.argv[1:]
     configdir = 'config'
     as_json = False
+    show_all = False
     words = []
     for arg in args:
         if arg in ('-h', '--help', '?', '/?'):
@@ -94,6 +98,8 @@ def start():
             sys.exit(0)
         elif arg == '--json':
             as_json = True
+        elif arg == '--all':
+            show_all = True
         elif arg.startswith('-c'):
             try:
                 configdir = config.split_configdir_option(arg)
@@ -113,16 +119,16 @@ def start():
         sys.exit(_fail('Error: job numbers and counts are whole numbers; see %s --help' % name))
     client = Client(environment.port, timeout)
     try:
-        sys.exit(run(client, command, numbers, as_json, name))
+        sys.exit(run(client, command, numbers, as_json, name, show_all))
     except rpcclient.xmlrpc.client.Fault as fault:
         sys.exit(_fail('Error: the jobqueue-server refused: %s' % fault.faultString))
     except rpcclient.ERRORS as exc:
         sys.exit(_fail('Error: cannot contact the jobqueue-server on port %s (%s)' % (environment.port, exc)))
 
 
-def run(client, command, numbers, as_json, name):
+def run(client, command, numbers, as_json, name, show_all=False):
     if command == 'status' and not numbers:
-        answer = client.call('status')
+        answer = client.call('status', 10 ** 9 if show_all else 100)
         print(json.dumps(answer, indent=2)) if as_json else print_status(answer)
         return 0
     if command == 'history' and len(numbers) <= 1:

@@ -228,11 +228,7 @@ class Launcher:
             timer.cancel()
         with self._lock:
             del self.running[job.jobnumber]
-        try:
-            relay.wait(10)
-        except subprocess.TimeoutExpired:
-            pass      # a child of the job still holds its output open; keep what is there
-        self._finished(job, started, time.time(), exitcode, output, running)
+        self._finished(job, started, time.time(), exitcode, running, relay)
 
     def adopt(self, stored):
         """Wait for a job that was started before a restart and still runs; hold the queue meanwhile."""
@@ -251,12 +247,10 @@ class Launcher:
             self.logger.warning('Job %s (pid %s) still runs from before the restart; no job starts until it ends.',
                                 job.jobnumber, stored.pid)
             wait_for_pid(stored.pid, stored.pid_start)
-            if stored.relay_pid:
-                wait_for_pid(stored.relay_pid, '', timeout=10)
             with self._lock:
                 del self.running[job.jobnumber]
             # The exit code of a process that is not our child cannot be known.
-            self._finished(job, running.started, time.time(), None, stored.output or '', None)
+            self._finished(job, running.started, time.time(), None, running, stored.relay_pid)
         finally:
             self.queue.release()
 
@@ -287,22 +281,16 @@ class Launcher:
             signal_group(running.pid, signal.SIGTERM)
             self._add_timer(running, self.settings.kill_grace, signal_group, running.pid, signal.SIGKILL)
 
-    def _finished(self, job, started, ended, exitcode, output_file, running=None):
-        output = read_output(output_file)
+    def _finished(self, job, started, ended, exitcode, running, relay):
+        """Decide at once what a job's end means for the queue; its output is collected after."""
         self.logger.log(logging_level(exitcode), 'Finished job %s, elapsed time %s, exit code %s',
-                        job.jobnumber, elapsed(ended - started), exitcode)
-        if output:
-            self.logger.info('Output of job %s:\n%s', job.jobnumber, output.rstrip('\n'))
-        if running is not None and running.stopped_by_shutdown or (
+                        job.jobnumber, elapsed(ended - started), 'unknown' if exitcode is None else exitcode)
+        report = None
+        if running.stopped_by_shutdown or (
                 self._stopping and exitcode in (-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT)):
             job.requeued += 1
             self.queue.wait_again(job)
-            return
-        status = 'ok' if exitcode == 0 else 'failed'
-        if running is not None and running.timed_out:
-            status = 'timed out'
-        engine = self.authorizer.is_engine(job.task)
-        if engine and exitcode == ENGINE_DATABASE_LOCKED:
+        elif exitcode == ENGINE_DATABASE_LOCKED and self.authorizer.is_engine(job.task):
             job.locked += 1
             self.logger.warning('Job %s: the engine database is locked by another run; queued again in %s seconds.',
                                 job.jobnumber, self.settings.locked_retry_delay)
@@ -312,15 +300,43 @@ class Launcher:
                                      '    %s\nIs a bots-engine running outside the job queue?'
                                      % (job.jobnumber, job.locked, job.task))
             self.queue.wait_again(job, self.settings.locked_retry_delay)
-            return
-        if exitcode == ENGINE_SYSTEM_ERROR or exitcode < 0:
-            self.reporter.report('[Bots Job Queue] - Job ended with errors',
-                                 'Job %s ended with exit code %s after %s:\n    %s\n\nOutput:\n%s'
-                                 % (job.jobnumber, exitcode, elapsed(ended - started), job.task, output))
-        self.store.finish(job, started, ended, exitcode, status, output)
+        else:
+            if exitcode is None:
+                status = 'ended'
+            elif running.timed_out:
+                status = 'timed out'
+            else:
+                status = 'ok' if exitcode == 0 else 'failed'
+            self.store.finish(job, started, ended, exitcode, status, '')
+            if exitcode == ENGINE_SYSTEM_ERROR or (exitcode is not None and exitcode < 0):
+                report = ('[Bots Job Queue] - Job ended with errors',
+                          'Job %s ended with exit code %s after %s:\n    %s\n\nOutput:\n%%s'
+                          % (job.jobnumber, exitcode, elapsed(ended - started), job.task))
+        # The next job may start now; the output follows in the log and the history when complete.
+        threading.Thread(target=self._collect_output, args=(job, running.output, relay, report),
+                         name='output-%d' % job.jobnumber, daemon=True).start()
+
+    def _collect_output(self, job, output_file, relay, report):
+        """Log and keep the output once the capture process is done.  ``relay`` is its Popen, or
+        for a job from before a restart its pid."""
+        # The capture process ends when every holder of the job's output has closed it; a
+        # child the job left running may hold it longer: keep what is there by then.
+        if isinstance(relay, subprocess.Popen):
+            try:
+                relay.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        elif relay:
+            wait_for_pid(relay, '', timeout=10)
+        output = read_output(output_file)
+        if output:
+            self.logger.info('Output of job %s:\n%s', job.jobnumber, output.rstrip('\n'))
+            self.store.set_output(job.jobnumber, output)
+        if report:
+            self.reporter.report(report[0], report[1] % output)
         try:
             os.remove(output_file)
-        except OSError:
+        except (OSError, TypeError):
             pass
 
 

@@ -12,7 +12,6 @@ read; an idle connection is closed after ``request_timeout`` seconds.
 """
 import socketserver
 import threading
-import time
 import xmlrpc.client
 from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
 
@@ -71,7 +70,7 @@ class JobQueueService:
             return jobqueue.NO_TASK
         if task == ISUP_TASK:
             return 0
-        if self._authorizer.executable(task) is None:
+        if not self._authorizer.allows(task):
             self._logger.warning('Refused job, not an authorized task: %s', task)
             return jobqueue.NOT_AUTHORIZED
         code, jobnumber = self._queue.add(task, priority)
@@ -92,9 +91,12 @@ class JobQueueService:
         return 0
 
     # ---- operators
-    def status(self):
-        """``{'running': [...], 'waiting': [[priority, jobnumber, task], ...], 'now': time}``."""
-        return {'running': self._launcher.status(), 'waiting': self.listjobs(), 'now': time.time()}
+    def status(self, limit=100):
+        """``{'running': [...], 'waiting': [first `limit` of listjobs()], 'waiting_count': n}``."""
+        if type(limit) is not int or limit < 0:
+            raise xmlrpc.client.Fault(1, 'limit should be a whole number, 0 or more')
+        return {'running': self._launcher.status(), 'waiting_count': len(self._queue),
+                'waiting': [job.as_list() for job in self._queue.first(limit)]}
 
     def history(self, limit=20):
         """The newest finished jobs, newest first."""
@@ -109,10 +111,9 @@ class JobQueueService:
         for running in self._launcher.status():
             if running['jobnumber'] == jobnumber:
                 return dict(running, state='running')
-        for job in self._queue.waiting():
-            if job.jobnumber == jobnumber:
-                return {'state': 'waiting', 'jobnumber': jobnumber, 'priority': job.priority,
-                        'task': list(job.task)}
+        job = self._queue.get(jobnumber)
+        if job is not None:
+            return {'state': 'waiting', 'jobnumber': jobnumber, 'priority': job.priority, 'task': list(job.task)}
         record = self._store.finished(jobnumber)
         return dict(_xmlrpc_safe(record), state='finished') if record else {}
 

@@ -75,11 +75,15 @@ class Store:
 
     # ---- start-up
     def load(self):
-        """Every stored job, in job number order."""
+        """Every stored job, in job number order (a generator: for start-up only)."""
         with self._lock:
-            rows = self._db.execute('SELECT %s FROM job ORDER BY jobnumber'
-                                    % ', '.join(StoredJob.__slots__)).fetchall()
-        return [StoredJob(row) for row in rows]
+            cursor = self._db.execute('SELECT %s FROM job ORDER BY jobnumber' % ', '.join(StoredJob.__slots__))
+            while True:
+                rows = cursor.fetchmany(1000)
+                if not rows:
+                    return
+                for row in rows:
+                    yield StoredJob(row)
 
     def last_jobnumber(self):
         with self._lock:
@@ -134,6 +138,10 @@ class Store:
             except BaseException:
                 self._db.execute('ROLLBACK')
                 raise
+
+    def set_output(self, jobnumber, output):
+        """Attach the captured output to a finished job of the history."""
+        self._run('UPDATE history SET output = ? WHERE jobnumber = ?', (output, jobnumber))
 
     def history(self, limit=20):
         """The newest finished jobs, newest first, as dicts."""

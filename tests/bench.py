@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/bench.py            # the table
     .venv/bin/python tests/bench.py --json     # the same figures as JSON
+    .venv/bin/python tests/bench.py dispatch   # only some: addjob dispatch job2queue dirmonitor
 
 Needs the project installed in the running interpreter's environment (its
 console scripts beside the interpreter), and task-spooler (``tsp``) for the
@@ -191,7 +192,7 @@ def bench_addjob(results, root):
         results.append(('addjob calls/s, depth %d' % depth, ours, reference, ours / reference, '>= 0.9',
                         ours / reference >= 0.9))
         if depth:
-            waiting = len(environment.proxy().listjobs())
+            waiting = environment.proxy().status(0)['waiting_count']
             results.append(('server peak RSS MB, %d waiting' % waiting, rss_mb(environment.server.pid), None,
                             None, '< 100', rss_mb(environment.server.pid) < 100))
             environment.kill_server()
@@ -348,7 +349,8 @@ def bench_dirmonitor(results, root, quiet=1.0, samples=5, burst=10000):
 def _runs(environment, event='start'):
     try:
         with open(environment.record) as handle:
-            return [entry for entry in map(json.loads, handle) if entry['event'] == event]
+            return [entry for entry in map(json.loads, (line for line in handle if line.endswith('\n')))
+                    if entry['event'] == event]
     except FileNotFoundError:
         return []
 
@@ -373,15 +375,18 @@ def _fmt(value):
     return str(value)
 
 
+BENCHES = {'addjob': bench_addjob, 'dispatch': bench_dispatch, 'job2queue': bench_job2queue,
+           'dirmonitor': bench_dirmonitor}
+
+
 def main():
     as_json = '--json' in sys.argv[1:]
+    chosen = [arg for arg in sys.argv[1:] if not arg.startswith('--')] or list(BENCHES)
     results = []
     root = tempfile.mkdtemp(prefix='bots-bench-')
     try:
-        bench_addjob(results, root)
-        bench_dispatch(results, root)
-        bench_job2queue(results, root)
-        bench_dirmonitor(results, root)
+        for name in chosen:
+            BENCHES[name](results, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if as_json:

@@ -127,7 +127,8 @@ class Environment:
         """The fake engine's runs so far (their 'start' or 'end' records), in order."""
         try:
             with open(self.record) as handle:
-                entries = [json.loads(line) for line in handle if line.strip()]
+                # A line still being written has no newline yet: it counts from the next look.
+                entries = [json.loads(line) for line in handle if line.endswith('\n')]
         except FileNotFoundError:
             return []
         return [entry for entry in entries if entry['event'] == event]

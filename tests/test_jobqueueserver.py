@@ -194,7 +194,7 @@ def test_finished_jobs_are_logged_with_exit_code_and_output(server):
     proxy.addjob(server.engine('errors', '--exit=2'), 5)
     proxy.addjob(server.engine('broken', '--exit=1'), 5)
     wait_until(lambda: len(server.runs()) == 3, message='three runs')
-    wait_until(lambda: server.log().count('Finished job') == 3, message='three log lines')
+    wait_until(lambda: server.log().count('Output of job') == 3, message='three outputs in the log')
     log = server.log()
     assert 'INFO     : Finished job 1, elapsed time 0:00:00, exit code 0' in log
     assert 'WARNING  : Finished job 2, elapsed time 0:00:00, exit code 2' in log
@@ -216,7 +216,7 @@ def test_output_of_a_job_is_bounded(environment):
     environment.write_ini(jobqueue='output_limit = 10000')
     environment.start_server()
     environment.proxy().addjob(environment.engine('chatty', '--print=5000000'), 5)
-    wait_until(lambda: 'Finished job 1' in environment.log(), message='the chatty job to end')
+    wait_until(lambda: 'Output of job 1' in environment.log(), message='the chatty job to end')
     log = environment.log()
     assert 'bytes of output left out' in log
     assert len(log) < 30000

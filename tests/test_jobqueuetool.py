@@ -26,7 +26,7 @@ def test_status_shows_running_and_waiting_jobs(server):
 def test_history_and_show(server):
     proxy = server.proxy()
     proxy.addjob(server.engine('first', '--exit=2'), 5)
-    wait_until(lambda: proxy.history(5), message='a finished job')
+    wait_until(lambda: proxy.history(5) and proxy.history(1)[0].get('output'), message='a finished job')
     result = tool(server, 'history')
     assert result.returncode == 0
     assert result.stdout.splitlines()[1].split()[:2] == ['1', '5']

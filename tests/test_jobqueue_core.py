@@ -1,0 +1,81 @@
+"""The queue core on its own, with a real (in-memory) store: order, duplicates, 100,000 jobs."""
+import random
+import threading
+
+from bots.jobqueue import ADDED, DUPLICATE, JobQueue
+from bots.store import Store
+
+
+def make_queue():
+    return JobQueue(Store(':memory:'))
+
+
+def drain(queue):
+    jobs = []
+    while len(queue):
+        jobs.append(queue.take())
+    return jobs
+
+
+def test_order_is_priority_then_job_number_at_100000_jobs():
+    queue = make_queue()
+    rng = random.Random(7)
+    expected = []
+    for number in range(100000):
+        priority = rng.randint(1, 9)
+        code, jobnumber = queue.add(['engine', 'route%d' % number], priority)
+        assert code == ADDED
+        expected.append((priority, jobnumber))
+    # Change the priority of a few thousand waiting jobs; they keep their numbers.
+    for number in rng.sample(range(100000), 3000):
+        new_priority = rng.randint(1, 9)
+        code, jobnumber = queue.add(['engine', 'route%d' % number], new_priority)
+        assert code in (ADDED, DUPLICATE)
+        expected[number] = (new_priority, jobnumber)
+    assert [job.jobnumber for job in queue.first(5)] == [n for _, n in sorted(expected)[:5]]
+    taken = drain(queue)
+    assert [(job.priority, job.jobnumber) for job in taken] == sorted(expected)
+
+
+def test_duplicates_and_removal():
+    queue = make_queue()
+    assert queue.add(['a'], 5) == (ADDED, 1)
+    assert queue.add(['a'], 5) == (DUPLICATE, 1)
+    assert queue.add(['a'], 2) == (ADDED, 1)
+    assert queue.add(['b'], 5) == (ADDED, 2)
+    assert [job.jobnumber for job in queue.waiting()] == [1, 2]
+    assert queue.remove(1).task == ('a',)
+    assert queue.remove(1) is None
+    assert queue.add(['a'], 2) == (ADDED, 3)         # no longer waiting: a new job
+    assert queue.clear() == 2
+    assert len(queue) == 0
+
+
+def test_take_blocks_until_a_job_arrives_and_close_wakes_it():
+    queue = make_queue()
+    got = []
+    thread = threading.Thread(target=lambda: got.append(queue.take()))
+    thread.start()
+    queue.add(['late'], 5)
+    thread.join(5)
+    assert got[0].task == ('late',)
+    thread = threading.Thread(target=lambda: got.append(queue.take()))
+    thread.start()
+    queue.close()
+    thread.join(5)
+    assert got[1] is None
+
+
+def test_stored_order_survives_a_reload(tmp_path):
+    path = str(tmp_path / 'q.db')
+    queue = JobQueue(Store(path))
+    for number in range(50):
+        queue.add(['job%d' % number], 9 - number % 9)
+    queue.add(['job3'], 1)
+    before = [(job.priority, job.jobnumber, job.task) for job in queue.waiting()]
+    reloaded = JobQueue(Store(path))
+    from bots.jobqueue import Job, canonical_task
+    for item in Store(path).load():
+        reloaded.restore(Job(item.jobnumber, item.priority, canonical_task(item.task)))
+    reloaded.finish_restore()
+    assert [(job.priority, job.jobnumber, job.task) for job in reloaded.waiting()] == before
