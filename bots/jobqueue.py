@@ -154,8 +154,9 @@ class JobQueue:
             return len(self._by_task)
 
     # ---- for the runners
-    def take(self):
-        """Block until a job may run; mark it running and return it.  None once closed."""
+    def take(self, block=True):
+        """The next job, marked running.  Blocks until there is one, or returns None at once
+        when ``block`` is false and there is none.  None once closed."""
         with self._lock:
             while True:
                 if self._closed:
@@ -165,6 +166,8 @@ class JobQueue:
                     if job is not None:
                         self._store.set_running(job.jobnumber)
                         return job
+                if not block:
+                    return None
                 self._changed.wait()
 
     def wait_again(self, job, delay=0):

@@ -6,8 +6,11 @@ a session of its own (so a kill reaches the job's children, and a job outlives
 a server that dies).  Its output goes to a capture process (``capture.py``).
 """
 import datetime
+import heapq
+import itertools
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,8 +112,48 @@ def signal_group(pid, signum):
         pass
 
 
+class Deadlines:
+    """Calls a function when its deadline passes, from one thread for all jobs.
+
+    A job's maxruntime and kill timers go here rather than in a thread each: starting and
+    cancelling a thread per job would cost every dispatch time.  Cancelled deadlines are
+    skipped when they come up.
+    """
+
+    def __init__(self):
+        self._heap = []
+        self._changed = threading.Condition()
+        self._sequence = itertools.count()
+        self._thread = None
+
+    def add(self, seconds, function, *args):
+        """Call ``function(*args)`` in ``seconds``; return a handle for ``cancel``."""
+        entry = [time.monotonic() + seconds, next(self._sequence), function, args, True]
+        with self._changed:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name='deadlines', daemon=True)
+                self._thread.start()
+            heapq.heappush(self._heap, entry)
+            if self._heap[0] is entry:
+                self._changed.notify()
+        return entry
+
+    @staticmethod
+    def cancel(entry):
+        entry[4] = False
+
+    def _loop(self):
+        while True:
+            with self._changed:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._changed.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                entry = heapq.heappop(self._heap)
+            if entry[4]:
+                entry[2](*entry[3])
+
+
 class RunningJob:
-    """A job that runs now: its process, output file and timers."""
+    """A job that runs now: its process, output file and deadlines."""
 
     def __init__(self, job, pid, started, output):
         self.job = job
@@ -141,7 +184,13 @@ class Launcher:
         self._lock = threading.Lock()
         self._threads = []
         self._stopping = False
+        self._deadlines = Deadlines()
         os.makedirs(settings.outputdir, exist_ok=True)
+        tail = shutil.which('tail')
+        # tail keeps the last bytes of a stream and starts in a millisecond; capture.py is the
+        # portable stand-in where there is no tail.
+        self._capture_command = ([tail, '-c', str(settings.output_limit)] if tail else
+                                 [sys.executable, '-I', '-S', CAPTURE_SCRIPT, str(settings.output_limit)])
 
     # ---- life cycle
     def start(self):
@@ -183,23 +232,36 @@ class Launcher:
 
     # ---- one runner
     def _run_loop(self):
+        """Take a job, start it, collect the previous job's output while it runs, wait for its end.
+
+        Collecting output (a file read, a log record, a database write) waits until the next job
+        has started, or until there is none, so that it never delays a start.
+        """
+        uncollected = []
         while True:
-            job = self.queue.take()
+            job = self.queue.take(block=not uncollected)
             if job is None:
-                return
+                if not uncollected:
+                    return                         # the queue is closed
+                self._collect_outputs(uncollected)
+                continue
             try:
-                self._run(job)
+                started = self._start(job)
+                self._collect_outputs(uncollected)
+                if started:
+                    uncollected.append(self._wait(job, *started))
             except Exception:        # a bug here must not stop the queue; it is logged in full
                 self.logger.exception('Unexpected error while running job %s', job.jobnumber)
 
-    def _run(self, job):
+    def _start(self, job):
+        """Start a job and its capture process; ``(process, relay, running)``, or None."""
         settings = self.settings
-        executable = self.authorizer.executable(job.task)
+        executable = self.authorizer.executable(job.task, cached=True)
         output = os.path.join(settings.outputdir, '%d.out' % job.jobnumber)
         started = time.time()
         if executable is None:
             self._cannot_start(job, started, 'not an authorized program (any more): %s' % job.task[0])
-            return
+            return None
         read_end, write_end = os.pipe()
         try:
             try:
@@ -208,11 +270,10 @@ class Launcher:
                                            start_new_session=True)
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
                 self._cannot_start(job, started, str(exc))
-                return
-            relay = subprocess.Popen([sys.executable, '-I', '-S', CAPTURE_SCRIPT, output,
-                                      str(settings.output_limit)],
-                                     stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     close_fds=True, start_new_session=True)
+                return None
+            with open(output, 'wb') as output_file:
+                relay = subprocess.Popen(self._capture_command, stdin=read_end, stdout=output_file,
+                                         stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
         finally:
             os.close(read_end)
             os.close(write_end)
@@ -222,13 +283,17 @@ class Launcher:
             self.running[job.jobnumber] = running
         self.logger.info('Starting job %s: %s', job.jobnumber, job.task)
         if settings.maxruntime > 0:
-            self._add_timer(running, settings.maxruntime * 60, self._maxruntime_exceeded, running)
+            running.timers.append(self._deadlines.add(settings.maxruntime * 60, self._maxruntime_exceeded, running))
+        return process, relay, running
+
+    def _wait(self, job, process, relay, running):
+        """Wait for the job's end; return what is needed to collect its output."""
         exitcode = process.wait()
         for timer in running.timers:
-            timer.cancel()
+            self._deadlines.cancel(timer)
         with self._lock:
             del self.running[job.jobnumber]
-        self._finished(job, started, time.time(), exitcode, running, relay)
+        return self._finished(job, running.started, time.time(), exitcode, running, relay)
 
     def adopt(self, stored):
         """Wait for a job that was started before a restart and still runs; hold the queue meanwhile."""
@@ -250,15 +315,10 @@ class Launcher:
             with self._lock:
                 del self.running[job.jobnumber]
             # The exit code of a process that is not our child cannot be known.
-            self._finished(job, running.started, time.time(), None, running, stored.relay_pid)
+            self._collect_outputs([self._finished(job, running.started, time.time(), None, running,
+                                                  stored.relay_pid)])
         finally:
             self.queue.release()
-
-    def _add_timer(self, running, seconds, function, *args):
-        timer = threading.Timer(seconds, function, args)
-        timer.daemon = True
-        running.timers.append(timer)
-        timer.start()
 
     # ---- what happens after a job
     def _cannot_start(self, job, started, reason):
@@ -279,13 +339,14 @@ class Launcher:
                                 if self.settings.killjobsintimeout else ''))
         if self.settings.killjobsintimeout:
             signal_group(running.pid, signal.SIGTERM)
-            self._add_timer(running, self.settings.kill_grace, signal_group, running.pid, signal.SIGKILL)
+            running.timers.append(self._deadlines.add(self.settings.kill_grace, signal_group, running.pid,
+                                                      signal.SIGKILL))
 
     def _finished(self, job, started, ended, exitcode, running, relay):
         """Decide at once what a job's end means for the queue; its output is collected after."""
         self.logger.log(logging_level(exitcode), 'Finished job %s, elapsed time %s, exit code %s',
                         job.jobnumber, elapsed(ended - started), 'unknown' if exitcode is None else exitcode)
-        report = None
+        history = None
         if running.stopped_by_shutdown or (
                 self._stopping and exitcode in (-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT)):
             job.requeued += 1
@@ -301,22 +362,26 @@ class Launcher:
                                      % (job.jobnumber, job.locked, job.task))
             self.queue.wait_again(job, self.settings.locked_retry_delay)
         else:
+            # Off the queue at once, so that it never runs again; into the history with its output later.
+            self.store.remove(job.jobnumber)
             if exitcode is None:
                 status = 'ended'
             elif running.timed_out:
                 status = 'timed out'
             else:
                 status = 'ok' if exitcode == 0 else 'failed'
-            self.store.finish(job, started, ended, exitcode, status, '')
-            if exitcode == ENGINE_SYSTEM_ERROR or (exitcode is not None and exitcode < 0):
-                report = ('[Bots Job Queue] - Job ended with errors',
-                          'Job %s ended with exit code %s after %s:\n    %s\n\nOutput:\n%%s'
-                          % (job.jobnumber, exitcode, elapsed(ended - started), job.task))
+            history = (started, ended, exitcode, status)
         # The next job may start now; the output follows in the log and the history when complete.
-        threading.Thread(target=self._collect_output, args=(job, running.output, relay, report),
-                         name='output-%d' % job.jobnumber, daemon=True).start()
+        return job, running.output, relay, history
 
-    def _collect_output(self, job, output_file, relay, report):
+    def _collect_outputs(self, uncollected):
+        while uncollected:
+            try:
+                self._collect_output(*uncollected.pop(0))
+            except Exception:        # a bug here must not stop the queue; it is logged in full
+                self.logger.exception('Unexpected error while collecting the output of a job')
+
+    def _collect_output(self, job, output_file, relay, history):
         """Log and keep the output once the capture process is done.  ``relay`` is its Popen, or
         for a job from before a restart its pid."""
         # The capture process ends when every holder of the job's output has closed it; a
@@ -331,9 +396,13 @@ class Launcher:
         output = read_output(output_file)
         if output:
             self.logger.info('Output of job %s:\n%s', job.jobnumber, output.rstrip('\n'))
-            self.store.set_output(job.jobnumber, output)
-        if report:
-            self.reporter.report(report[0], report[1] % output)
+        if history:
+            started, ended, exitcode, status = history
+            self.store.record(job, started, ended, exitcode, status, output)
+            if exitcode == ENGINE_SYSTEM_ERROR or (exitcode is not None and exitcode < 0):
+                self.reporter.report('[Bots Job Queue] - Job ended with errors',
+                                     'Job %s ended with exit code %s after %s:\n    %s\n\nOutput:\n%s'
+                                     % (job.jobnumber, exitcode, elapsed(ended - started), job.task, output))
         try:
             os.remove(output_file)
         except (OSError, TypeError):

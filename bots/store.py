@@ -59,6 +59,7 @@ class Store:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         self.path = path
         self.history_size = history_size
+        self._finished = 0
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute('PRAGMA journal_mode=WAL')
@@ -123,32 +124,37 @@ class Store:
                   'WHERE jobnumber = ?', (pid, pid_start, relay_pid, output, jobnumber))
 
     def finish(self, job, started, ended, exitcode, status, output):
-        """Move a job from the queue to the history, which keeps the newest ``history_size``."""
+        """Move a job from the queue to the history, in one transaction."""
         with self._lock:
             self._db.execute('BEGIN')
             try:
                 self._db.execute('DELETE FROM job WHERE jobnumber = ?', (job.jobnumber,))
-                self._db.execute('INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
-                                 (job.jobnumber, job.priority, json.dumps(list(job.task)),
-                                  started, ended, exitcode, status, output))
-                self._db.execute('DELETE FROM history WHERE jobnumber <= '
-                                 '(SELECT jobnumber FROM history ORDER BY jobnumber DESC '
-                                 'LIMIT 1 OFFSET ?)', (self.history_size,))
+                self._record(job, started, ended, exitcode, status, output)
                 self._db.execute('COMMIT')
             except BaseException:
                 self._db.execute('ROLLBACK')
                 raise
 
-    def set_output(self, jobnumber, output):
-        """Attach the captured output to a finished job of the history."""
-        self._run('UPDATE history SET output = ? WHERE jobnumber = ?', (output, jobnumber))
+    def record(self, job, started, ended, exitcode, status, output):
+        """Add a finished job (already removed from the queue) to the history."""
+        with self._lock:
+            self._record(job, started, ended, exitcode, status, output)
+
+    def _record(self, job, started, ended, exitcode, status, output):
+        self._db.execute('INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
+                         (job.jobnumber, job.priority, json.dumps(list(job.task)), started, ended, exitcode,
+                          status, output))
+        self._finished += 1
+        if self._finished % 50 == 0:     # trimming now and then keeps each record cheap
+            self._db.execute('DELETE FROM history WHERE jobnumber <= (SELECT jobnumber FROM history '
+                             'ORDER BY jobnumber DESC LIMIT 1 OFFSET ?)', (self.history_size,))
 
     def history(self, limit=20):
-        """The newest finished jobs, newest first, as dicts."""
+        """The newest finished jobs (at most ``history_size``), newest first, as dicts."""
         with self._lock:
             rows = self._db.execute('SELECT jobnumber, priority, task, started, ended, exitcode, '
                                     'status, output FROM history ORDER BY jobnumber DESC LIMIT ?',
-                                    (limit,)).fetchall()
+                                    (min(limit, self.history_size),)).fetchall()
         return [_history_dict(row) for row in rows]
 
     def finished(self, jobnumber):

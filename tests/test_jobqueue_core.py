@@ -79,3 +79,15 @@ def test_stored_order_survives_a_reload(tmp_path):
         reloaded.restore(Job(item.jobnumber, item.priority, canonical_task(item.task)))
     reloaded.finish_restore()
     assert [(job.priority, job.jobnumber, job.task) for job in reloaded.waiting()] == before
+
+
+def test_capture_keeps_the_last_bytes_of_a_stream():
+    """capture.py, the stand-in for ``tail -c`` where there is none."""
+    import subprocess
+    import sys
+    import bots.capture
+    data = b''.join(b'line %d\n' % number for number in range(200000))
+    result = subprocess.run([sys.executable, bots.capture.__file__, '1000'], input=data, capture_output=True,
+                            timeout=60)
+    assert result.returncode == 0
+    assert result.stdout == data[-1000:]
