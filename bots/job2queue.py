@@ -47,8 +47,8 @@ def send_job_to_jobqueue(task_args, priority=5, port=None, timeout=DEFAULT_TIMEO
     if port is None:
         port = _configured_port()
     try:
-        return rpcclient.call(port, 'addjob', list(task_args), priority, timeout=timeout, host=host)
-    except rpcclient.ERRORS:
+        return rpcclient.addjob(port, task_args, priority, timeout=timeout, host=host)
+    except Exception:       # CallFailed, or a Fault for values of the wrong type: not added
         return 1
 
 

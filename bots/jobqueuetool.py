@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import sys
+import xmlrpc.client
 
 from . import __version__, config, rpcclient
 
@@ -120,9 +121,9 @@ def start():
     client = Client(environment.port, timeout)
     try:
         sys.exit(run(client, command, numbers, as_json, name, show_all))
-    except rpcclient.xmlrpc.client.Fault as fault:
+    except xmlrpc.client.Fault as fault:
         sys.exit(_fail('Error: the jobqueue-server refused: %s' % fault.faultString))
-    except rpcclient.ERRORS as exc:
+    except rpcclient.CallFailed as exc:
         sys.exit(_fail('Error: cannot contact the jobqueue-server on port %s (%s)' % (environment.port, exc)))
 
 

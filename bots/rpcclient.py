@@ -1,21 +1,76 @@
-"""One XML-RPC call to the job queue server, with a timeout (the standard
-library's ServerProxy has none, and a stuck server must not hang a client)."""
-import http.client
-import xmlrpc.client
+"""Calls to the job queue server, with a timeout (the standard library's
+ServerProxy has none, and a stuck server must not hang a client).
 
-ERRORS = (OSError, http.client.HTTPException, xmlrpc.client.Error, ValueError, IndexError)
+``addjob`` is the call schedulers make every few minutes through
+bots-job2queue, whose start-up time counts: it speaks HTTP over a plain socket
+and writes and reads its few XML elements itself, so that neither http.client
+nor xmlrpc.client (which pull in the e-mail and SSL packages) is imported.
+Any other call, and any addjob with values of unusual types, goes through
+xmlrpc.client.
+"""
+import re
+import socket
+
+MAX_ANSWER = 16 * 1024 * 1024
+INT_ANSWER = re.compile(rb'<params>\s*<param>\s*<value>\s*<(int|i4)>\s*(-?\d+)\s*</\1>')
+
+
+class CallFailed(Exception):
+    """The server could not be reached, did not answer in time, or answered with an error."""
+
+
+def addjob(port, task, priority, timeout=10, host='127.0.0.1'):
+    """The server's answer to ``addjob(task, priority)``: 0, 2, 3 or 4.  Raises CallFailed."""
+    if type(priority) is not int or not all(type(arg) is str for arg in task):
+        return call(port, 'addjob', list(task), priority, timeout=timeout, host=host)
+    values = ''.join('<value><string>%s</string></value>' % _escape(arg) for arg in task)
+    body = ('<?xml version="1.0"?>\n<methodCall><methodName>addjob</methodName><params>'
+            '<param><value><array><data>%s</data></array></value></param>'
+            '<param><value><int>%d</int></value></param></params></methodCall>\n' % (values, priority))
+    answer = post(host, port, body.encode('utf-8'), timeout)
+    match = INT_ANSWER.search(answer)
+    if match is None:
+        raise CallFailed('the server refused the request or gave an answer that is not a number')
+    return int(match.group(2))
+
+
+def _escape(text):
+    return text.replace('&', '&amp;').replace('<', '&lt;').replace('>', '&gt;')
+
+
+def post(host, port, body, timeout):
+    """POST ``body`` to the server (HTTP/1.0, so the server closes when done); the answer's body."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b'POST /RPC2 HTTP/1.0\r\nHost: %s:%d\r\nContent-Type: text/xml\r\n'
+                         b'Content-Length: %d\r\n\r\n' % (host.encode('ascii'), port, len(body)) + body)
+            chunks = []
+            size = 0
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_ANSWER:
+                    raise CallFailed('the answer is too large')
+    except OSError as exc:
+        raise CallFailed(str(exc) or type(exc).__name__)
+    head, _, answer = b''.join(chunks).partition(b'\r\n\r\n')
+    status = head.split(None, 2)[1:2]
+    if status != [b'200']:
+        raise CallFailed('the server answered HTTP %s' % (status[0].decode('ascii', 'replace') if status else '?'))
+    return answer
 
 
 def call(port, method, *params, timeout=10, host='127.0.0.1'):
-    """The server's answer to ``method(*params)``; raises one of ERRORS on any failure."""
-    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    """The server's answer to ``method(*params)``.  Raises CallFailed, or xmlrpc.client.Fault."""
+    import xmlrpc.client
+    body = xmlrpc.client.dumps(params, method, allow_none=True).encode('utf-8')
+    answer = post(host, port, body, timeout)
     try:
-        body = xmlrpc.client.dumps(params, method, allow_none=True).encode('utf-8')
-        connection.request('POST', '/RPC2', body, {'Content-Type': 'text/xml'})
-        response = connection.getresponse()
-        answer = response.read()
-        if response.status != 200:
-            raise xmlrpc.client.ProtocolError(host, response.status, response.reason, {})
         return xmlrpc.client.loads(answer)[0][0]
-    finally:
-        connection.close()
+    except xmlrpc.client.Fault:
+        raise
+    except (xmlrpc.client.Error, ValueError, IndexError) as exc:
+        raise CallFailed('unreadable answer: %s' % exc)

@@ -140,3 +140,11 @@ def test_default_config_is_the_bundled_one(tmp_path):
     # The bundled configuration enables the queue; no server listens on 28082 here.
     assert result.returncode in (0, 1, 3, 4)
     assert 'not enabled' not in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_arguments_with_markup_characters_arrive_unchanged(server):
+    server.proxy().addjob(server.engine('blocker', '--sleep=1'), 5)
+    wait_until(lambda: server.runs('start'), message='the blocker to start')
+    odd = ['<route & "x">', "it's", 'ünïcödé', ']]>']
+    assert server.job2queue(sys.executable, FAKE_ENGINE, *odd).returncode == 0
+    assert server.proxy().listjobs()[0][2] == [sys.executable, FAKE_ENGINE] + odd
