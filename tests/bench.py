@@ -30,7 +30,7 @@ from bots.store import Store  # noqa: E402  (the product's own schema, to fill a
 FAKE_ENGINE = os.path.join(HERE, 'fake_engine.py')
 BIN = os.path.dirname(sys.executable)
 DEPTH = 100000
-CALLS = 3000
+CALLS = 2000
 
 BARE_SERVER = textwrap.dedent('''
     import sys
@@ -187,8 +187,12 @@ def bench_addjob(results, root):
         environment.start_server()
         # A long first job keeps the runner busy, so added jobs wait (and the CPU is the server's).
         environment.proxy().addjob(blocker, 1)
-        ours = client_rate(environment.port, environment.engine('added'))
-        reference = bare_rate(depth)
+        # Rounds taken in turn, each figure the median of its rounds: the machine's noise hits both.
+        ours, reference = [], []
+        for round_number in range(3):
+            ours.append(client_rate(environment.port, environment.engine('added-%d' % round_number)))
+            reference.append(bare_rate(depth))
+        ours, reference = statistics.median(ours), statistics.median(reference)
         results.append(('addjob calls/s, depth %d' % depth, ours, reference, ours / reference, '>= 0.9',
                         ours / reference >= 0.9))
         if depth:
