@@ -150,6 +150,7 @@ class RequestHandler(SimpleXMLRPCRequestHandler):
     MAX_LINE = 65536
 
     protocol_version = 'HTTP/1.1'
+    default_request_version = 'HTTP/1.0'  # so that an answer to a garbled request has a status line
     disable_nagle_algorithm = True    # headers and body go out in two writes: do not hold the second
     rpc_paths = ()            # Bots clients post to '/RPC2'; any path is accepted
 

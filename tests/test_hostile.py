@@ -193,3 +193,23 @@ def fuzz_server(tmp_path_factory):
     environment.start_server()
     yield environment
     environment.stop_server()
+
+
+def test_bad_request_lines_and_headers_get_http_errors(server):
+    assert raw_request(server.port, b'BROKEN\r\n\r\n').startswith(b'HTTP/1.1 400')
+    assert raw_request(server.port, b'POST /RPC2 HTTP/2.0\r\n\r\n').startswith(b'HTTP/1.1 505')
+    assert raw_request(server.port, b'POST /RPC2 HTTP/1.1\r\nno colon here\r\n\r\n').startswith(b'HTTP/1.1 400')
+    many = b''.join(b'X-%d: y\r\n' % number for number in range(200))
+    assert raw_request(server.port, b'POST /RPC2 HTTP/1.1\r\n' + many + b'\r\n').startswith(b'HTTP/1.1 431')
+    still_serves(server)
+
+
+def test_keep_alive_serves_many_calls_on_one_connection(server):
+    import http.client
+    connection = http.client.HTTPConnection('127.0.0.1', server.port, timeout=10)
+    body = xmlrpc.client.dumps((['isup'], 5), 'addjob').encode()
+    for _ in range(20):
+        connection.request('POST', '/RPC2', body, {'Content-Type': 'text/xml'})
+        response = connection.getresponse()
+        assert response.status == 200 and b'<int>0</int>' in response.read()
+    connection.close()
