@@ -27,7 +27,7 @@ class RPCSettings:
         ini = environment.ini
         self.host = ini.get('jobqueue', 'host', '127.0.0.1') or '127.0.0.1'
         self.port = environment.port
-        self.max_connections = max(1, ini.getint('jobqueue', 'max_connections', 64))
+        self.max_connections = max(1, ini.getint('jobqueue', 'max_connections', 256))
         self.request_timeout = ini.getfloat('jobqueue', 'request_timeout', 10)
         self.max_request_size = ini.getint('jobqueue', 'max_request_size', 1048576)
         self.max_task_size = ini.getint('jobqueue', 'max_task_size', 65536)
@@ -224,7 +224,7 @@ class JobQueueRPCServer(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
 
     daemon_threads = True
     block_on_close = False
-    request_queue_size = 128
+    request_queue_size = 1024
 
     def __init__(self, settings, logger):
         self.settings = settings
@@ -234,7 +234,8 @@ class JobQueueRPCServer(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
                          logRequests=False, allow_none=True)
 
     def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
+        # A burst of clients waits a moment for a free slot; past that, a quick refusal beats a hang.
+        if not self._slots.acquire(timeout=1.0):
             try:
                 request.sendall(b'HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n'
                                 b'Connection: close\r\n\r\n')
