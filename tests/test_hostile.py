@@ -82,7 +82,7 @@ def test_garbage_and_unknown_methods(server):
 
 
 def test_idle_connections_do_not_block_others_and_are_bounded(environment):
-    environment.write_ini(jobqueue='max_connections = 4\nrequest_timeout = 1')
+    environment.write_ini(jobqueue='max_connections = 4\nrequest_timeout = 4')
     environment.start_server()
     idle = [socket.create_connection(('127.0.0.1', environment.port)) for _ in range(3)]
     try:
