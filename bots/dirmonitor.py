@@ -154,6 +154,13 @@ class Outbox:
                 self.logger.error('The jobqueue-server refused the job (code %s): %s', code, list(task))
 
 
+def nearest_existing(path):
+    """``path`` itself when it is a directory, else its nearest existing ancestor."""
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
 class WatchState:
     """What one watch has seen since its job was last sent."""
 
@@ -163,6 +170,7 @@ class WatchState:
         self.last_event = 0.0
         self.writing = {}        # path -> time of its last event; files open for writing
         self.observed = None     # the watchdog watch of the directory, or of the ancestor awaited
+        self.missing = False     # the directory does not exist (and that was logged)
 
 
 class DirMonitor:
@@ -228,12 +236,18 @@ class DirMonitor:
                 self.logger.info('[%s] files are waiting in %s.', watch.section, watch.path)
                 self._dirty(state, None)
             return
-        ancestor = os.path.dirname(watch.path)
-        while not os.path.isdir(ancestor) and os.path.dirname(ancestor) != ancestor:
-            ancestor = os.path.dirname(ancestor)
-        self.logger.warning('[%s] directory %s does not exist; it is watched for once it appears.',
-                            watch.section, watch.path)
+        ancestor = nearest_existing(watch.path)
+        if not state.missing:
+            self.logger.warning('[%s] directory %s does not exist; it is watched for once it appears.',
+                                watch.section, watch.path)
+            state.missing = True
         state.observed = observer.schedule(AppearHandler(self, state), ancestor, recursive=False)
+        if nearest_existing(watch.path) != ancestor:
+            self.reobserve_soon(state)      # a step towards it appeared while the watch was set up
+
+    def reobserve_soon(self, state):
+        """Re-watch from a thread of its own: watchdog's threads must not change their own watches."""
+        threading.Thread(target=self._reobserve, args=(state,), daemon=True).start()
 
     def _reobserve(self, state):
         """The directory appeared or vanished: watch it again, or wait for it."""
@@ -248,7 +262,10 @@ class DirMonitor:
                 pass
             state.observed = None
         if os.path.isdir(state.watch.path):
-            self.logger.log(botslog.STARTINFO, '[%s] directory %s appeared.', state.watch.section, state.watch.path)
+            if state.missing:
+                self.logger.log(botslog.STARTINFO, '[%s] directory %s appeared.', state.watch.section,
+                                state.watch.path)
+                state.missing = False
             self._observe(state, True)
         else:
             self._observe(state, False)
@@ -305,10 +322,19 @@ class DirMonitor:
                 self._changed.wait(None if next_due is None else max(0.001, next_due - now))
 
     def stop(self):
+        """Stop watching; return the identities of the watches whose job was still to be sent."""
         with self._changed:
             self._stopping = True
             self._changed.notify_all()
+            dirty = {state.watch.identity() for state in self._states.values() if state.dirty}
         self.stop_watching()
+        return dirty
+
+    def mark_dirty(self, identities):
+        """Watches (by identity) that had files waiting to settle before a reload."""
+        for state in self._states.values():
+            if state.watch.identity() in identities:
+                self._dirty(state, None)
 
 
 def _handler_base():
@@ -339,7 +365,7 @@ class EventHandler(_handler_base()):
     def on_moved(self, event):
         if event.is_directory:
             if event.src_path == self.state.watch.path:
-                self.monitor._reobserve(self.state)
+                self.monitor.reobserve_soon(self.state)
             return
         if event.src_path:
             self.monitor.file_event(self.state, 'gone', event.src_path)
@@ -350,7 +376,7 @@ class EventHandler(_handler_base()):
         if event.src_path == self.state.watch.path:
             self.monitor.logger.warning('[%s] directory %s disappeared; it is watched for once it appears again.',
                                         self.state.watch.section, self.state.watch.path)
-            threading.Thread(target=self.monitor._reobserve, args=(self.state,), daemon=True).start()
+            self.monitor.reobserve_soon(self.state)
         elif not event.is_directory:
             self.monitor.file_event(self.state, 'gone', event.src_path)
 
@@ -364,7 +390,7 @@ class AppearHandler(_handler_base()):
 
     def on_any_event(self, event):
         if event.is_directory and event.event_type in ('created', 'moved'):
-            threading.Thread(target=self.monitor._reobserve, args=(self.state,), daemon=True).start()
+            self.monitor.reobserve_soon(self.state)
 
 
 def parse_args(argv, name):
@@ -420,10 +446,11 @@ def start():
             continue
         logger.log(botslog.STARTINFO, 'Bots dirmonitor reloads its configuration.')
         known = {watch.identity() for watch in settings.watches}
-        monitor.stop()
+        dirty = monitor.stop()
         outbox.settings = settings = new_settings
         monitor = run_monitor(settings, logger, outbox, False,
                               [w for w in settings.watches if w.identity() not in known])
+        monitor.mark_dirty(dirty)
     logger.log(botslog.STARTINFO, 'Bots dirmonitor stops.')
     monitor.stop()
     outbox.stop()

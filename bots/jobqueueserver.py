@@ -28,6 +28,8 @@ Usage:
     %(name)s [-c<directory>]
 Options:
     -c<directory>   directory for configuration files (default: config).
+Signals: SIGTERM, SIGINT (Ctrl-C), SIGHUP stop it: running jobs get
+[jobqueue] shutdown_grace seconds, then are stopped and kept for the next start.
 Exit codes: 0 stopped normally; 1 cannot start (configuration, port in use).
 '''
 

@@ -215,3 +215,19 @@ def test_refuses_to_start_when_not_enabled(environment):
     result = environment.run('bots-dirmonitor', '-c' + environment.configdir)
     assert result.returncode == 1
     assert 'not enabled' in result.stderr
+
+
+def test_a_directory_that_disappears_and_comes_back_is_watched_again(monitored):
+    import shutil
+    monitored.start_server()
+    monitored.monitor.start()
+    shutil.rmtree(str(monitored.other))
+    wait_until(lambda: 'disappeared' in monitored.log('dirmonitor'), message='the disappearance in the log')
+    write(monitored.inbox / 'meanwhile.edi')             # the other watch goes on
+    wait_until(lambda: monitored.runs(), message='the run of the other watch')
+    monitored.other.mkdir()
+    wait_until(lambda: 'other appeared' in monitored.log('dirmonitor'), message='the directory to be picked up')
+    time.sleep(0.3)
+    write(monitored.other / 'back.txt')
+    wait_until(lambda: len(monitored.runs()) == 2, message='the run for the directory that came back')
+    assert routes(monitored) == ['inbound', 'other']
