@@ -10,6 +10,7 @@ import heapq
 import itertools
 import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -17,11 +18,13 @@ import sys
 import threading
 import time
 
+from .jobqueue import Job, canonical_task
 
 CAPTURE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'capture.py')
 
 ENGINE_OK, ENGINE_SYSTEM_ERROR, ENGINE_PROCESS_ERRORS, ENGINE_DATABASE_LOCKED = 0, 1, 2, 3
-SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Exit codes of a job ended by the shutdown signal itself (a Ctrl-C reaches a job still being spawned).
+SHUTDOWN_EXITCODES = (-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT)
 
 
 class LaunchSettings:
@@ -39,14 +42,19 @@ class LaunchSettings:
         self.outputdir = os.path.join(environment.botssys, 'jobqueue', 'output')
 
 
-def process_start_time(pid):
-    """The start time of process ``pid`` as the kernel tells it (Linux), or '' if unknown."""
+def _proc_stat(pid):
+    """The fields of /proc/<pid>/stat after the command name (Linux), or None."""
     try:
         with open('/proc/%d/stat' % pid, 'rb') as handle:
-            fields = handle.read().rsplit(b')', 1)[1].split()
+            return handle.read().rsplit(b')', 1)[1].split()
     except (OSError, IndexError):
-        return ''
-    return fields[19].decode()
+        return None
+
+
+def process_start_time(pid):
+    """The start time of process ``pid`` as the kernel tells it (Linux), or '' if unknown."""
+    fields = _proc_stat(pid)
+    return fields[19].decode() if fields else ''
 
 
 def is_alive(pid, start_time):
@@ -59,10 +67,8 @@ def is_alive(pid, start_time):
         return False
     except PermissionError:
         pass
-    try:
-        with open('/proc/%d/stat' % pid, 'rb') as handle:
-            fields = handle.read().rsplit(b')', 1)[1].split()
-    except OSError:
+    fields = _proc_stat(pid)
+    if fields is None:
         return not os.path.isdir('/proc')     # no /proc: trust the kill test
     if fields[0] in (b'Z', b'X'):
         return False
@@ -80,7 +86,6 @@ def wait_for_pid(pid, start_time, timeout=None):
             pidfd = None
     try:
         if pidfd is not None and is_alive(pid, start_time):
-            import select
             poller = select.poll()
             poller.register(pidfd, select.POLLIN)
             while is_alive(pid, start_time):
@@ -243,11 +248,11 @@ class Launcher:
             if job is None:
                 if not uncollected:
                     return                         # the queue is closed
-                self._collect_outputs(uncollected)
+                self._collect_outputs(uncollected, wait=True)
                 continue
             try:
                 started = self._start(job)
-                self._collect_outputs(uncollected)
+                self._collect_outputs(uncollected, wait=False)
                 if started:
                     uncollected.append(self._wait(job, *started))
             except Exception:        # a bug here must not stop the queue; it is logged in full
@@ -303,7 +308,6 @@ class Launcher:
         thread.start()
 
     def _adopted(self, stored):
-        from .jobqueue import Job, canonical_task
         job = Job(stored.jobnumber, stored.priority, canonical_task(stored.task), stored.requeued, stored.locked)
         running = RunningJob(job, stored.pid, stored.started or time.time(), stored.output)
         with self._lock:
@@ -316,7 +320,7 @@ class Launcher:
                 del self.running[job.jobnumber]
             # The exit code of a process that is not our child cannot be known.
             self._collect_outputs([self._finished(job, running.started, time.time(), None, running,
-                                                  stored.relay_pid)])
+                                                  stored.relay_pid)], wait=True)
         finally:
             self.queue.release()
 
@@ -347,8 +351,7 @@ class Launcher:
         self.logger.log(logging_level(exitcode), 'Finished job %s, elapsed time %s, exit code %s',
                         job.jobnumber, elapsed(ended - started), 'unknown' if exitcode is None else exitcode)
         history = None
-        if running.stopped_by_shutdown or (
-                self._stopping and exitcode in (-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT)):
+        if running.stopped_by_shutdown or (self._stopping and exitcode in SHUTDOWN_EXITCODES):
             job.requeued += 1
             self.queue.wait_again(job)
         elif exitcode == ENGINE_DATABASE_LOCKED and self.authorizer.is_engine(job.task):
@@ -374,12 +377,20 @@ class Launcher:
         # The next job may start now; the output follows in the log and the history when complete.
         return job, running.output, relay, history
 
-    def _collect_outputs(self, uncollected):
-        while uncollected:
-            try:
-                self._collect_output(*uncollected.pop(0))
-            except Exception:        # a bug here must not stop the queue; it is logged in full
-                self.logger.exception('Unexpected error while collecting the output of a job')
+    def _collect_outputs(self, uncollected, wait):
+        """Collect the outputs whose capture process is done; with ``wait`` all of them.
+
+        Without ``wait`` (a job runs) a capture held open by a child the job left behind is
+        not waited for, so it cannot delay noticing the running job's end; a long backlog is.
+        """
+        for item in list(uncollected):
+            if wait or len(uncollected) > 50 or _capture_done(item[2]):
+                uncollected.remove(item)
+                try:
+                    self._collect_output(*item)
+                except Exception:        # a bug here must not stop the queue; it is logged in full
+                    self.logger.exception('Unexpected error while collecting the output of job %s',
+                                          item[0].jobnumber)
 
     def _collect_output(self, job, output_file, relay, history):
         """Log and keep the output once the capture process is done.  ``relay`` is its Popen, or
@@ -403,10 +414,17 @@ class Launcher:
                 self.reporter.report('[Bots Job Queue] - Job ended with errors',
                                      'Job %s ended with exit code %s after %s:\n    %s\n\nOutput:\n%s'
                                      % (job.jobnumber, exitcode, elapsed(ended - started), job.task, output))
-        try:
-            os.remove(output_file)
-        except (OSError, TypeError):
-            pass
+        if output_file:
+            try:
+                os.remove(output_file)
+            except OSError:
+                pass
+
+
+def _capture_done(relay):
+    if isinstance(relay, subprocess.Popen):
+        return relay.poll() is not None
+    return not is_alive(relay, '')
 
 
 def logging_level(exitcode):
@@ -418,6 +436,8 @@ def logging_level(exitcode):
 
 
 def read_output(path):
+    if not path:
+        return ''
     try:
         with open(path, 'rb') as handle:
             return handle.read().decode('utf-8', 'replace')

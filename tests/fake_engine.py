@@ -4,7 +4,8 @@
 Records each run in the file named by $FAKE_ENGINE_RECORD, one JSON line
 when it starts and one when it ends (argv, pid, times), and behaves as its arguments say:
 ``--sleep=S`` runs S seconds, ``--exit=N`` ends with exit code N,
-``--print=N`` writes N bytes of output, ``--exit-file=F`` reads the exit
+``--print=N`` writes N bytes of output (``--late-print=N``: after the
+sleep), ``--exit-file=F`` reads the exit
 code from file F (so a test can change it between runs).
 """
 import json
@@ -19,10 +20,19 @@ def _record(path, entry):
             handle.write(json.dumps(entry) + '\n')
 
 
+def write_output(size):
+    line = b'x' * 1023 + b'\n'
+    while size > 0:
+        chunk = line * min(64, (size + 1023) // 1024)
+        sys.stdout.buffer.write(chunk[:size])
+        size -= len(chunk)
+    sys.stdout.flush()
+
+
 def main(argv):
     record = os.environ.get('FAKE_ENGINE_RECORD')
     started = time.time()
-    sleep, exitcode, output = 0.0, 0, 0
+    sleep, exitcode, output, late_output = 0.0, 0, 0, 0
     for arg in argv:
         if arg.startswith('--sleep='):
             sleep = float(arg[8:])
@@ -30,18 +40,16 @@ def main(argv):
             exitcode = int(arg[7:])
         elif arg.startswith('--print='):
             output = int(arg[8:])
+        elif arg.startswith('--late-print='):
+            late_output = int(arg[13:])
         elif arg.startswith('--exit-file='):
             with open(arg[12:]) as handle:
                 exitcode = int(handle.read().strip() or 0)
     _record(record, {'event': 'start', 'argv': argv, 'pid': os.getpid(), 'time': started})
     print('fake engine started: %s' % ' '.join(argv), flush=True)
-    line = b'x' * 1023 + b'\n'
-    while output > 0:
-        chunk = line * min(64, (output + 1023) // 1024)
-        sys.stdout.buffer.write(chunk[:output])
-        output -= len(chunk)
-    sys.stdout.flush()
+    write_output(output)
     time.sleep(sleep)
+    write_output(late_output)
     _record(record, {'event': 'end', 'argv': argv, 'pid': os.getpid(), 'start': started, 'time': time.time()})
     print('fake engine done', file=sys.stderr, flush=True)
     return exitcode

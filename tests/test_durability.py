@@ -140,3 +140,20 @@ def test_history_keeps_finished_jobs_bounded(environment):
     assert [record['jobnumber'] for record in history] == [5, 4, 3]
     assert [record['exitcode'] for record in history] == [1, 0, 2]
     assert 'fake engine started: h4' in history[0]['output']
+
+
+def test_a_job_writing_after_its_server_was_killed_neither_dies_nor_blocks(environment):
+    environment.start_server()
+    proxy = environment.proxy()
+    proxy.addjob(environment.engine('orphan', '--sleep=2', '--late-print=5000000'), 5)
+    wait_until(lambda: environment.runs('start'), message='the job to start')
+    environment.stop_server(signal.SIGKILL)
+    # Nobody reads the job's output in the server any more: the capture process does.  The
+    # restarted server finds the job still running and waits for it.
+    environment.start_server()
+    end = wait_until(lambda: environment.runs(), timeout=30, message='the orphaned job to finish')[0]
+    assert end['argv'][0] == 'orphan'
+    assert len(environment.runs('start')) == 1
+    history = wait_until(lambda: environment.proxy().history(5), message='the job in the history')
+    assert history[0]['jobnumber'] == 1 and history[0]['status'] == 'ended'
+    assert 'fake engine done' in history[0]['output']
