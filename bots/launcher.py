@@ -111,9 +111,13 @@ def elapsed(seconds):
 
 
 def signal_group(pid, signum):
+    """Send ``signum`` to a job's whole process group (to the process only where there are none)."""
     try:
-        os.killpg(pid, signum)
-    except (ProcessLookupError, PermissionError):
+        if hasattr(os, 'killpg'):
+            os.killpg(pid, signum)
+        else:
+            os.kill(pid, signal.SIGTERM)       # Windows: TerminateProcess
+    except (ProcessLookupError, PermissionError, OSError):
         pass
 
 
@@ -227,7 +231,7 @@ class Launcher:
         with self._lock:
             left = list(self.running.values())
         for running in left:
-            signal_group(running.pid, signal.SIGKILL)
+            signal_group(running.pid, getattr(signal, 'SIGKILL', signal.SIGTERM))
         for thread in self._threads:
             thread.join(5)
 
@@ -344,7 +348,7 @@ class Launcher:
         if self.settings.killjobsintimeout:
             signal_group(running.pid, signal.SIGTERM)
             running.timers.append(self._deadlines.add(self.settings.kill_grace, signal_group, running.pid,
-                                                      signal.SIGKILL))
+                                                      getattr(signal, 'SIGKILL', signal.SIGTERM)))
 
     def _finished(self, job, started, ended, exitcode, running, relay):
         """Decide at once what a job's end means for the queue; its output is collected after."""
