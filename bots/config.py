@@ -9,6 +9,8 @@ import configparser
 import os
 import sys
 
+from . import __version__
+
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -128,3 +130,20 @@ def split_configdir_option(arg):
     if not directory:
         raise ConfigError('Error: configuration directory indicated, but no directory name.')
     return directory
+
+
+HELP_OPTIONS = ('-h', '--help', '?', '/?')
+
+
+def configdir_from_args(argv, name, usage):
+    """The ``-c`` directory of a program whose only option is ``-c``; usage and exit 0 on help."""
+    configdir = 'config'
+    for arg in argv:
+        if arg in HELP_OPTIONS:
+            print(usage % {'name': name, 'version': __version__})
+            sys.exit(0)
+        elif arg.startswith('-c'):
+            configdir = split_configdir_option(arg)
+        else:
+            raise ConfigError('Error: unknown option "%s"; see %s --help' % (arg, name))
+    return configdir

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from . import __version__, botslog, config
+from . import botslog, config
 from .job2queue import send_job_to_jobqueue
 
 USAGE = '''\
@@ -393,19 +393,6 @@ class AppearHandler(_handler_base()):
             self.monitor.reobserve_soon(self.state)
 
 
-def parse_args(argv, name):
-    configdir = 'config'
-    for arg in argv:
-        if arg in ('-h', '--help', '?', '/?'):
-            print(USAGE % {'name': name, 'version': __version__})
-            sys.exit(0)
-        elif arg.startswith('-c'):
-            configdir = config.split_configdir_option(arg)
-        else:
-            raise config.ConfigError('Error: unknown option "%s"; see %s --help' % (arg, name))
-    return configdir
-
-
 def load(configdir):
     environment = config.load(configdir)
     environment.require_jobqueue_enabled()
@@ -420,7 +407,7 @@ def start():
         if hasattr(signal, signame):
             signal.signal(getattr(signal, signame), lambda signum, frame, command=command: commands.put(command))
     try:
-        configdir = parse_args(sys.argv[1:], name)
+        configdir = config.configdir_from_args(sys.argv[1:], name, USAGE)
         environment, settings = load(configdir)
         logger = botslog.init(environment, 'dirmonitor')
     except config.ConfigError as exc:

@@ -66,7 +66,7 @@ def _configured_port():
 
 def parse_args(argv):
     """``(configdir, priority, task)`` from the command line, Bots' rules."""
-    from .config import ConfigError, split_configdir_option
+    from .config import HELP_OPTIONS, ConfigError, split_configdir_option
     configdir = 'config'
     priority = 5
     task = []
@@ -85,7 +85,7 @@ def parse_args(argv):
                 raise ConfigError('Error: priority should be numeric (1=highest, 9=lowest).')
             if not 1 <= priority <= 9:
                 raise ConfigError('Error: priority should be from 1 (highest) to 9 (lowest), not %s.' % priority)
-        elif arg in ('-h', '--help', '?', '/?'):
+        elif arg in HELP_OPTIONS:
             return None
         else:
             task.append(arg)

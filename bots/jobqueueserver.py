@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 
-from . import __version__, botslog, config
+from . import botslog, config
 from .authorize import Authorizer
 from .jobqueue import Job, JobQueue, canonical_task
 from .launcher import Launcher, LaunchSettings, is_alive
@@ -32,19 +32,6 @@ Signals: SIGTERM, SIGINT (Ctrl-C), SIGHUP stop it: running jobs get
 [jobqueue] shutdown_grace seconds, then are stopped and kept for the next start.
 Exit codes: 0 stopped normally; 1 cannot start (configuration, port in use).
 '''
-
-
-def parse_args(argv, name):
-    configdir = 'config'
-    for arg in argv:
-        if arg in ('-h', '--help', '?', '/?'):
-            print(USAGE % {'name': name, 'version': __version__})
-            sys.exit(0)
-        elif arg.startswith('-c'):
-            configdir = config.split_configdir_option(arg)
-        else:
-            raise config.ConfigError('Error: unknown option "%s"; see %s --help' % (arg, name))
-    return configdir
 
 
 def lock_environment(botssys):
@@ -151,7 +138,7 @@ def start():
         if hasattr(signal, signame):
             signal.signal(getattr(signal, signame), on_signal)
     try:
-        environment = config.load(parse_args(sys.argv[1:], name))
+        environment = config.load(config.configdir_from_args(sys.argv[1:], name, USAGE))
         environment.require_jobqueue_enabled()
         serve(environment, stop)
     except config.ConfigError as exc:

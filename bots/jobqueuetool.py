@@ -94,7 +94,7 @@ def start():
     show_all = False
     words = []
     for arg in args:
-        if arg in ('-h', '--help', '?', '/?'):
+        if arg in config.HELP_OPTIONS:
             print(USAGE % {'name': name, 'version': __version__})
             sys.exit(0)
         elif arg == '--json':

@@ -2,12 +2,11 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import FAKE_ENGINE, script, wait_until
+from conftest import script, wait_until
 
 
 class Monitor:

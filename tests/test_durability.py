@@ -1,7 +1,6 @@
 """No run lost: kill -9 and restart, SIGTERM, engine exit codes, the history."""
 import os
 import signal
-import sys
 import time
 
 from conftest import wait_until

@@ -1,5 +1,4 @@
 """The job queue server as Bots' clients see it: XML-RPC calls, launch order, logs."""
-import os
 import socket
 import sys
 import time
@@ -7,7 +6,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import FAKE_ENGINE, script, wait_until
+from conftest import FAKE_ENGINE, wait_until
 
 
 def test_jobs_run_in_priority_order_then_first_come_first_served(server):
