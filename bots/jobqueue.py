@@ -154,19 +154,24 @@ class JobQueue:
             return len(self._by_task)
 
     # ---- for the runners
-    def take(self, block=True):
+    def take(self, block=True, done=None):
         """The next job, marked running.  Blocks until there is one, or returns None at once
-        when ``block`` is false and there is none.  None once closed."""
+        when ``block`` is false and there is none.  None once closed.
+
+        ``done``: the number of a job that has just ended; it leaves the store in the same
+        transaction that marks the next one running (one commit between two jobs, not two).
+        """
         with self._lock:
             while True:
-                if self._closed:
-                    return None
-                if self._holds == 0:
+                if not self._closed and self._holds == 0:
                     job = self._pop()
                     if job is not None:
-                        self._store.set_running(job.jobnumber)
+                        self._store.set_running(job.jobnumber, done)
                         return job
-                if not block:
+                if done is not None:
+                    self._store.remove(done)
+                    done = None
+                if self._closed or not block:
                     return None
                 self._changed.wait()
 

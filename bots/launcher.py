@@ -179,6 +179,21 @@ class RunningJob:
                 'running_for': time.time() - self.started}
 
 
+class Ended:
+    """A job that has ended, until its log line, history record and output are done."""
+
+    def __init__(self, job, started, ended, exitcode, output_file, relay):
+        self.job = job
+        self.started = started
+        self.ended = ended
+        self.exitcode = exitcode
+        self.output_file = output_file
+        self.relay = relay             # the capture process: a Popen, or a pid (from before a restart)
+        self.leaves_queue = False      # False: it was put back in the queue
+        self.status = None
+        self.logged = False
+
+
 class Launcher:
     """Runs jobs from the queue, ``nr_threads`` at a time."""
 
@@ -241,24 +256,35 @@ class Launcher:
 
     # ---- one runner
     def _run_loop(self):
-        """Take a job, start it, collect the previous job's output while it runs, wait for its end.
+        """Take a job, start it, then do the bookkeeping of the previous one, wait for the end.
 
-        Collecting output (a file read, a log record, a database write) waits until the next job
-        has started, or until there is none, so that it never delays a start.
+        Between two jobs only what the next start needs happens: the store marks the next job
+        running and drops the ended one in one commit.  The log lines and the output of the
+        ended job (a file read, a database write) follow once the next job runs, or once there
+        is none.
         """
-        uncollected = []
+        ended = []          # Ended jobs whose log line or output is still to come
+        done = None         # number of the job that just ended, still in the store
         while True:
-            job = self.queue.take(block=not uncollected)
+            job = self.queue.take(block=not ended, done=done)
+            done = None
             if job is None:
-                if not uncollected:
+                if not ended:
                     return                         # the queue is closed
-                self._collect_outputs(uncollected, wait=True)
+                self._log_ends(ended)
+                self._collect_outputs(ended, wait=True)
                 continue
             try:
                 started = self._start(job)
-                self._collect_outputs(uncollected, wait=False)
+                self._log_ends(ended)
                 if started:
-                    uncollected.append(self._wait(job, *started))
+                    self.logger.info('Starting job %s: %s', job.jobnumber, job.task)
+                self._collect_outputs(ended, wait=False)
+                if started:
+                    end = self._wait(job, *started)
+                    ended.append(end)
+                    if end.leaves_queue:
+                        done = job.jobnumber
             except Exception:        # a bug here must not stop the queue; it is logged in full
                 self.logger.exception('Unexpected error while running job %s', job.jobnumber)
 
@@ -290,7 +316,6 @@ class Launcher:
         self.store.set_process(job.jobnumber, process.pid, process_start_time(process.pid), relay.pid, output)
         with self._lock:
             self.running[job.jobnumber] = running
-        self.logger.info('Starting job %s: %s', job.jobnumber, job.task)
         if settings.maxruntime > 0:
             running.timers.append(self._deadlines.add(settings.maxruntime * 60, self._maxruntime_exceeded, running))
         return process, relay, running
@@ -323,8 +348,11 @@ class Launcher:
             with self._lock:
                 del self.running[job.jobnumber]
             # The exit code of a process that is not our child cannot be known.
-            self._collect_outputs([self._finished(job, running.started, time.time(), None, running,
-                                                  stored.relay_pid)], wait=True)
+            end = self._finished(job, running.started, time.time(), None, running, stored.relay_pid)
+            if end.leaves_queue:
+                self.store.remove(job.jobnumber)
+            self._log_ends([end])
+            self._collect_outputs([end], wait=True)
         finally:
             self.queue.release()
 
@@ -351,14 +379,18 @@ class Launcher:
                                                       getattr(signal, 'SIGKILL', signal.SIGTERM)))
 
     def _finished(self, job, started, ended, exitcode, running, relay):
-        """Decide at once what a job's end means for the queue; its output is collected after."""
-        self.logger.log(logging_level(exitcode), 'Finished job %s, elapsed time %s, exit code %s',
-                        job.jobnumber, elapsed(ended - started), 'unknown' if exitcode is None else exitcode)
-        history = None
+        """Decide what a job's end means for the queue; return it as an Ended.
+
+        A job put back in the queue is logged at once; an ordinary end is logged, and leaves
+        the store, with the start of the next job (see ``_run_loop``).
+        """
+        end = Ended(job, started, ended, exitcode, running.output, relay)
         if running.stopped_by_shutdown or (self._stopping and exitcode in SHUTDOWN_EXITCODES):
+            self._log_ends([end])
             job.requeued += 1
             self.queue.wait_again(job)
         elif exitcode == ENGINE_DATABASE_LOCKED and self.authorizer.is_engine(job.task):
+            self._log_ends([end])
             job.locked += 1
             self.logger.warning('Job %s: the engine database is locked by another run; queued again in %s seconds.',
                                 job.jobnumber, self.settings.locked_retry_delay)
@@ -369,58 +401,64 @@ class Launcher:
                                      % (job.jobnumber, job.locked, job.task))
             self.queue.wait_again(job, self.settings.locked_retry_delay)
         else:
-            # Off the queue at once, so that it never runs again; into the history with its output later.
-            self.store.remove(job.jobnumber)
+            end.leaves_queue = True
             if exitcode is None:
-                status = 'ended'
+                end.status = 'ended'
             elif running.timed_out:
-                status = 'timed out'
+                end.status = 'timed out'
             else:
-                status = 'ok' if exitcode == 0 else 'failed'
-            history = (started, ended, exitcode, status)
-        # The next job may start now; the output follows in the log and the history when complete.
-        return job, running.output, relay, history
+                end.status = 'ok' if exitcode == 0 else 'failed'
+        return end
 
-    def _collect_outputs(self, uncollected, wait):
+    def _log_ends(self, ends):
+        for end in ends:
+            if not end.logged:
+                end.logged = True
+                exitcode = end.exitcode
+                self.logger.log(logging_level(exitcode), 'Finished job %s, elapsed time %s, exit code %s',
+                                end.job.jobnumber, elapsed(end.ended - end.started),
+                                'unknown' if exitcode is None else exitcode)
+
+    def _collect_outputs(self, ends, wait):
         """Collect the outputs whose capture process is done; with ``wait`` all of them.
 
         Without ``wait`` (a job runs) a capture held open by a child the job left behind is
         not waited for, so it cannot delay noticing the running job's end; a long backlog is.
         """
-        for item in list(uncollected):
-            if wait or len(uncollected) > 50 or _capture_done(item[2]):
-                uncollected.remove(item)
+        for end in list(ends):
+            if wait or len(ends) > 50 or _capture_done(end.relay):
+                ends.remove(end)
                 try:
-                    self._collect_output(*item)
+                    self._collect_output(end)
                 except Exception:        # a bug here must not stop the queue; it is logged in full
                     self.logger.exception('Unexpected error while collecting the output of job %s',
-                                          item[0].jobnumber)
+                                          end.job.jobnumber)
 
-    def _collect_output(self, job, output_file, relay, history):
-        """Log and keep the output once the capture process is done.  ``relay`` is its Popen, or
-        for a job from before a restart its pid."""
+    def _collect_output(self, end):
+        """Log and keep the output once the capture process is done."""
         # The capture process ends when every holder of the job's output has closed it; a
         # child the job left running may hold it longer: keep what is there by then.
-        if isinstance(relay, subprocess.Popen):
+        if isinstance(end.relay, subprocess.Popen):
             try:
-                relay.wait(10)
+                end.relay.wait(10)
             except subprocess.TimeoutExpired:
                 pass
-        elif relay:
-            wait_for_pid(relay, '', timeout=10)
-        output = read_output(output_file)
+        elif end.relay:
+            wait_for_pid(end.relay, '', timeout=10)
+        job, exitcode = end.job, end.exitcode
+        output = read_output(end.output_file)
         if output:
             self.logger.info('Output of job %s:\n%s', job.jobnumber, output.rstrip('\n'))
-        if history:
-            started, ended, exitcode, status = history
-            self.store.record(job, started, ended, exitcode, status, output)
+        if end.leaves_queue:
+            self.store.record(job, end.started, end.ended, exitcode, end.status, output)
             if exitcode == ENGINE_SYSTEM_ERROR or (exitcode is not None and exitcode < 0):
                 self.reporter.report('[Bots Job Queue] - Job ended with errors',
                                      'Job %s ended with exit code %s after %s:\n    %s\n\nOutput:\n%s'
-                                     % (job.jobnumber, exitcode, elapsed(ended - started), job.task, output))
-        if output_file:
+                                     % (job.jobnumber, exitcode, elapsed(end.ended - end.started), job.task,
+                                        output))
+        if end.output_file:
             try:
-                os.remove(output_file)
+                os.remove(end.output_file)
             except OSError:
                 pass
 

@@ -115,9 +115,22 @@ class Store:
                   (state, not_before, requeued, locked, jobnumber))
 
     # ---- running jobs
-    def set_running(self, jobnumber):
-        self._run("UPDATE job SET state = 'running', started = ? WHERE jobnumber = ?",
-                  (time.time(), jobnumber))
+    def set_running(self, jobnumber, done=None):
+        """Mark a job running; remove job ``done`` (ended) in the same transaction."""
+        with self._lock:
+            if done is not None:
+                self._db.execute('BEGIN')
+            try:
+                if done is not None:
+                    self._db.execute('DELETE FROM job WHERE jobnumber = ?', (done,))
+                self._db.execute("UPDATE job SET state = 'running', started = ? WHERE jobnumber = ?",
+                                 (time.time(), jobnumber))
+                if done is not None:
+                    self._db.execute('COMMIT')
+            except BaseException:
+                if done is not None:
+                    self._db.execute('ROLLBACK')
+                raise
 
     def set_process(self, jobnumber, pid, pid_start, relay_pid, output):
         self._run('UPDATE job SET pid = ?, pid_start = ?, relay_pid = ?, output = ? '

@@ -234,7 +234,7 @@ def percentile(values, fraction):
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def bench_dispatch(results, root, jobs=40, rounds=3):
+def bench_dispatch(results, root, jobs=30, rounds=6):
     """End of job i to start of job i+1, ours against tsp with the same probe jobs.
 
     Rounds of ``jobs`` probe jobs alternate between the two, so that the machine's

@@ -134,7 +134,8 @@ def test_history_keeps_finished_jobs_bounded(environment):
     for number in range(5):
         proxy.addjob(environment.engine('h%d' % number, '--exit=%d' % (number % 3)), 5)
     wait_until(lambda: len(environment.runs()) == 5, message='five runs')
-    wait_until(lambda: len(proxy.history(10)) == 3 and proxy.history(1)[0].get('output'), message='the history')
+    wait_until(lambda: proxy.history(1)[0]['jobnumber'] == 5 and proxy.history(1)[0].get('output'),
+               message='the newest job in the history')
     history = proxy.history(10)
     assert [record['jobnumber'] for record in history] == [5, 4, 3]
     assert [record['exitcode'] for record in history] == [1, 0, 2]

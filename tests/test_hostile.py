@@ -149,7 +149,7 @@ def test_a_job_flooding_its_output_keeps_server_memory_and_disk_bounded(environm
     size = sum(os.path.getsize(os.path.join(root, name))
                for root, _, names in os.walk(environment.botssys) for name in names)
     assert size < 5 * 1024 * 1024, size
-    assert proxy.history(1)[0]['exitcode'] == 0
+    assert wait_until(lambda: proxy.history(1), message='the history')[0]['exitcode'] == 0
 
 
 def _rss_kb(pid):
