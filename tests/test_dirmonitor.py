@@ -92,10 +92,11 @@ def test_a_file_queues_its_route_once_with_the_engine_arguments(monitored):
 def test_burst_of_files_gives_one_job_per_route(monitored):
     monitored.start_server()
     monitored.monitor.start()
+    # Two bursts, each quicker than the quiet period between its files.
     for number in range(2000):
         write(monitored.inbox / ('f%05d.edi' % number))
-        if number % 500 == 0:
-            write(monitored.other / ('o%05d.txt' % number))
+    for number in range(300):
+        write(monitored.other / ('o%05d.txt' % number))
     wait_until(lambda: len(monitored.runs()) >= 2, timeout=60, message='the engine runs')
     time.sleep(2)
     assert sorted(routes(monitored)) == ['inbound', 'other']
