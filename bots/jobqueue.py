@@ -40,7 +40,7 @@ class Job:
 
 def canonical_task(task):
     """The task as a tuple of interned strings: hashable, and cheap to keep 100,000 of."""
-    return tuple(sys.intern(arg) for arg in task)
+    return tuple(map(sys.intern, task))
 
 
 class JobQueue:
@@ -58,20 +58,25 @@ class JobQueue:
         self._closed = False
 
     # ---- start-up
-    def restore(self, job, not_before=None):
-        """Put a job read back from the store into the queue, without storing it again."""
-        with self._lock:
-            self._by_task[job.task] = job
-            if not_before is not None and not_before > time.time():
-                self._delay(job, not_before - time.time())
-            else:
-                self._waiting[job.jobnumber] = job
-                self._heap.append((job.priority, job.jobnumber))
+    def restore(self, jobs):
+        """Put jobs read back from the store into the queue, without storing them again.
 
-    def finish_restore(self):
+        ``jobs``: ``(job, not_before)`` pairs; ``not_before`` is None, or when a delayed job
+        may wait again.  Returns how many jobs were restored.
+        """
+        count = 0
         with self._lock:
+            for job, not_before in jobs:
+                count += 1
+                self._by_task[job.task] = job
+                if not_before is not None and not_before > time.time():
+                    self._delay(job, not_before - time.time())
+                else:
+                    self._waiting[job.jobnumber] = job
+                    self._heap.append((job.priority, job.jobnumber))
             heapq.heapify(self._heap)
             self._changed.notify_all()
+        return count
 
     # ---- the Bots interface
     def add(self, task, priority):

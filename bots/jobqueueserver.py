@@ -51,16 +51,18 @@ def lock_environment(botssys):
 
 def restore_queue(store, queue, launcher, logger):
     """Put the stored jobs back: waiting ones in order; running ones waited for or queued again."""
-    count = 0
     running = []
-    for item in store.load():
-        count += 1
-        if item.state == 'running':
-            running.append(item)
-        else:
-            queue.restore(Job(item.jobnumber, item.priority, canonical_task(item.task), item.requeued, item.locked),
-                          item.not_before if item.state == 'delayed' else None)
-    queue.finish_restore()
+
+    def waiting():
+        for item in store.load():
+            if item.state == 'running':
+                running.append(item)
+            else:
+                yield (Job(item.jobnumber, item.priority, canonical_task(item.task), item.requeued, item.locked),
+                       item.not_before if item.state == 'delayed' else None)
+
+    gc.disable()          # 100,000 new objects would set off collection after collection
+    count = queue.restore(waiting())
     for item in running:
         if item.pid and is_alive(item.pid, item.pid_start):
             launcher.adopt(item)
@@ -74,9 +76,9 @@ def restore_queue(store, queue, launcher, logger):
             store.finish(item, item.started, None, None, 'lost', '')
     # What was restored lives as long as the server: keep the garbage collector from scanning it again
     # and again (gc.freeze, for long-lived objects created at start-up).
-    gc.collect()
     gc.freeze()
-    return count
+    gc.enable()
+    return count + len(running)
 
 
 def serve(environment, stop):

@@ -75,9 +75,8 @@ def test_stored_order_survives_a_reload(tmp_path):
     before = [(job.priority, job.jobnumber, job.task) for job in queue.waiting()]
     reloaded = JobQueue(Store(path))
     from bots.jobqueue import Job, canonical_task
-    for item in Store(path).load():
-        reloaded.restore(Job(item.jobnumber, item.priority, canonical_task(item.task)))
-    reloaded.finish_restore()
+    reloaded.restore((Job(item.jobnumber, item.priority, canonical_task(item.task)), None)
+                     for item in Store(path).load())
     assert [(job.priority, job.jobnumber, job.task) for job in reloaded.waiting()] == before
 
 
