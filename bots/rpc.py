@@ -33,8 +33,8 @@ class RPCSettings:
         self.max_task_size = ini.getint('jobqueue', 'max_task_size', 65536)
 
 
-
 def check_task(task, max_size):
+    """Refuse (with a Fault) anything but a list of strings of bounded size."""
     if not isinstance(task, list) or not all(isinstance(arg, str) for arg in task):
         raise xmlrpc.client.Fault(1, 'task should be a list of strings (the program and its arguments)')
     if sum(len(arg) for arg in task) > max_size:
@@ -44,6 +44,7 @@ def check_task(task, max_size):
 
 
 def check_priority(priority):
+    """Refuse (with a Fault) anything but a whole number 1..9 (a bool or float is not one)."""
     if type(priority) is not int or not 1 <= priority <= 9:
         raise xmlrpc.client.Fault(1, 'priority should be a whole number from 1 (most urgent) to 9, not %r'
                                   % (priority,))
