@@ -11,8 +11,8 @@ import itertools
 import logging
 import os
 import select
-import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -161,6 +161,68 @@ class Deadlines:
                 entry[2](*entry[3])
 
 
+class OutputKeeper:
+    """The capture process (``capture.py --serve``) that keeps the end of every job's output.
+
+    One process for all jobs: starting one beside each job would cost every dispatch time.
+    """
+
+    def __init__(self, limit, logger):
+        self.limit = limit
+        self.logger = logger
+        self._lock = threading.Lock()
+        self._done = {}              # output file -> Event, set when the keeper has written it
+        self._socket = None
+        self.process = None
+        self._start()
+
+    @staticmethod
+    def available():
+        return hasattr(socket, 'send_fds') and hasattr(socket, 'AF_UNIX')
+
+    def _start(self):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.process = subprocess.Popen(
+            [sys.executable, '-I', '-S', CAPTURE_SCRIPT, '--serve', str(theirs.fileno()), str(self.limit)],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        theirs.close()
+        self._socket = ours
+        threading.Thread(target=self._listen, args=(ours,), name='output-keeper', daemon=True).start()
+
+    def keep(self, read_fd, path):
+        """Hand a job's output pipe to the keeper; return an Event that is set once ``path`` is written."""
+        done = threading.Event()
+        message = [path.encode('utf-8', 'surrogateescape')]
+        with self._lock:
+            self._done[path] = done
+            try:
+                socket.send_fds(self._socket, message, [read_fd])
+            except OSError:
+                self.logger.warning('The output keeper (pid %s) is gone; starting a new one.', self.process.pid)
+                self._start()
+                socket.send_fds(self._socket, message, [read_fd])
+        return done
+
+    def _listen(self, sock):
+        while True:
+            try:
+                message = sock.recv(4096)
+            except OSError:
+                message = b''
+            if not message:
+                return
+            with self._lock:
+                done = self._done.pop(message.decode('utf-8', 'surrogateescape'), None)
+            if done is not None:
+                done.set()
+
+    def close(self):
+        """No more outputs: the keeper writes what it holds and ends."""
+        with self._lock:
+            self._socket.close()
+
+
 class RunningJob:
     """A job that runs now: its process, output file and deadlines."""
 
@@ -188,7 +250,7 @@ class Ended:
         self.ended = ended
         self.exitcode = exitcode
         self.output_file = output_file
-        self.relay = relay             # the capture process: a Popen, or a pid (from before a restart)
+        self.relay = relay             # the keeper's Event, a capture Popen, or a keeper pid from before a restart
         self.leaves_queue = False      # False: it was put back in the queue
         self.status = None
         self.logged = False
@@ -210,11 +272,8 @@ class Launcher:
         self._stopping = False
         self._deadlines = Deadlines()
         os.makedirs(settings.outputdir, exist_ok=True)
-        tail = shutil.which('tail')
-        # tail keeps the last bytes of a stream and starts in a millisecond; capture.py is the
-        # portable stand-in where there is no tail.
-        self._capture_command = ([tail, '-c', str(settings.output_limit)] if tail else
-                                 [sys.executable, '-I', '-S', CAPTURE_SCRIPT, str(settings.output_limit)])
+        # Where file descriptors cannot be passed, a capture process runs beside each job.
+        self._keeper = OutputKeeper(settings.output_limit, logger) if OutputKeeper.available() else None
 
     # ---- life cycle
     def start(self):
@@ -249,6 +308,8 @@ class Launcher:
             signal_group(running.pid, getattr(signal, 'SIGKILL', signal.SIGTERM))
         for thread in self._threads:
             thread.join(5)
+        if self._keeper is not None:
+            self._keeper.close()
 
     def status(self):
         with self._lock:
@@ -306,14 +367,22 @@ class Launcher:
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
                 self._cannot_start(job, started, str(exc))
                 return None
-            with open(output, 'wb') as output_file:
-                relay = subprocess.Popen(self._capture_command, stdin=read_end, stdout=output_file,
-                                         stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+            os.close(write_end)
+            write_end = None
+            if self._keeper is not None:
+                relay, relay_pid = self._keeper.keep(read_end, output), self._keeper.process.pid
+            else:
+                with open(output, 'wb') as output_file:
+                    relay = subprocess.Popen([sys.executable, '-I', '-S', CAPTURE_SCRIPT, str(settings.output_limit)],
+                                             stdin=read_end, stdout=output_file, stderr=subprocess.DEVNULL,
+                                             close_fds=True, start_new_session=True)
+                relay_pid = relay.pid
         finally:
             os.close(read_end)
-            os.close(write_end)
+            if write_end is not None:
+                os.close(write_end)
         running = RunningJob(job, process.pid, started, output)
-        self.store.set_process(job.jobnumber, process.pid, process_start_time(process.pid), relay.pid, output)
+        self.store.set_process(job.jobnumber, process.pid, process_start_time(process.pid), relay_pid, output)
         with self._lock:
             self.running[job.jobnumber] = running
         if settings.maxruntime > 0:
@@ -438,12 +507,15 @@ class Launcher:
         """Log and keep the output once the capture process is done."""
         # The capture process ends when every holder of the job's output has closed it; a
         # child the job left running may hold it longer: keep what is there by then.
-        if isinstance(end.relay, subprocess.Popen):
+        if isinstance(end.relay, threading.Event):
+            end.relay.wait(10)
+        elif isinstance(end.relay, subprocess.Popen):
             try:
                 end.relay.wait(10)
             except subprocess.TimeoutExpired:
                 pass
         elif end.relay:
+            # A keeper from before a restart: it ends once the outputs it holds are written.
             wait_for_pid(end.relay, '', timeout=10)
         job, exitcode = end.job, end.exitcode
         output = read_output(end.output_file)
@@ -464,6 +536,8 @@ class Launcher:
 
 
 def _capture_done(relay):
+    if isinstance(relay, threading.Event):
+        return relay.is_set()
     if isinstance(relay, subprocess.Popen):
         return relay.poll() is not None
     return not is_alive(relay, '')
