@@ -157,3 +157,27 @@ def test_a_job_writing_after_its_server_was_killed_neither_dies_nor_blocks(envir
     history = wait_until(lambda: environment.proxy().history(5), message='the job in the history')
     assert history[0]['jobnumber'] == 1 and history[0]['status'] == 'ended'
     assert 'fake engine done' in history[0]['output']
+
+
+def test_a_lost_output_keeper_is_replaced(environment):
+    environment.start_server()
+    proxy = environment.proxy()
+    proxy.addjob(environment.engine('first'), 5)
+    wait_until(lambda: 'Output of job 1' in environment.log(), message='the first output')
+    keepers = [pid for pid in map(int, filter(str.isdigit, os.listdir('/proc'))) if _is_keeper_of(pid, environment)]
+    assert len(keepers) == 1
+    os.kill(keepers[0], signal.SIGKILL)
+    proxy.addjob(environment.engine('second'), 5)
+    wait_until(lambda: 'Output of job 2' in environment.log(), message='the second output')
+    assert 'output keeper (pid %d) is gone' % keepers[0] in environment.log()
+
+
+def _is_keeper_of(pid, environment):
+    try:
+        with open('/proc/%d/cmdline' % pid, 'rb') as handle:
+            argv = handle.read().split(b'\0')
+        with open('/proc/%d/stat' % pid) as handle:
+            parent = int(handle.read().rsplit(')', 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return False
+    return b'--serve' in argv and parent == environment.server.pid
