@@ -3,7 +3,8 @@
 Each runner is a thread that blocks in ``JobQueue.take()`` and starts the job
 the moment it gets one, without a shell, with stdin from the null device, in
 a session of its own (so a kill reaches the job's children, and a job outlives
-a server that dies).  Its output goes to a capture process (``capture.py``).
+a server that dies).  Its output goes through a pipe to the output keeper
+(``capture.py``), one process for all jobs.
 """
 import datetime
 import heapq
