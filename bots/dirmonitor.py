@@ -234,7 +234,7 @@ class DirMonitor:
                             watch.path, watch.filemask, ', recursive' if watch.recursive else '', watch.route)
             if process_existing and watch.existing_files():
                 self.logger.info('[%s] files are waiting in %s.', watch.section, watch.path)
-                self._dirty(state, None)
+                self._dirty(state)
             return
         ancestor = nearest_existing(watch.path)
         if not state.missing:
@@ -285,7 +285,7 @@ class DirMonitor:
                 state.last_event = now
             self._changed.notify()
 
-    def _dirty(self, state, path):
+    def _dirty(self, state):
         with self._changed:
             state.dirty = True
             state.last_event = time.monotonic()
@@ -334,7 +334,7 @@ class DirMonitor:
         """Watches (by identity) that had files waiting to settle before a reload."""
         for state in self._states.values():
             if state.watch.identity() in identities:
-                self._dirty(state, None)
+                self._dirty(state)
 
 
 def _handler_base():

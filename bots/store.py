@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS history (
 
 COLUMNS = ('jobnumber', 'priority', 'task', 'state', 'not_before', 'requeued', 'locked',
            'started', 'pid', 'pid_start', 'relay_pid', 'output')
+HISTORY_COLUMNS = ('jobnumber', 'priority', 'task', 'started', 'ended', 'exitcode', 'status', 'output')
 StoredJob = collections.namedtuple('StoredJob', COLUMNS)
 StoredJob.__doc__ = 'A job as it comes back from the database at start-up (its task decoded).'
 
@@ -83,11 +84,6 @@ class Store:
                 for row, task in zip(rows, tasks):
                     yield StoredJob(row[0], row[1], task, row[3], row[4], row[5], row[6], row[7], row[8],
                                     row[9], row[10], row[11])
-
-    def last_jobnumber(self):
-        with self._lock:
-            row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'job'").fetchone()
-        return row[0] if row else 0
 
     # ---- waiting jobs
     def add(self, priority, task):
@@ -163,21 +159,18 @@ class Store:
     def history(self, limit=20):
         """The newest finished jobs (at most ``history_size``), newest first, as dicts."""
         with self._lock:
-            rows = self._db.execute('SELECT jobnumber, priority, task, started, ended, exitcode, '
-                                    'status, output FROM history ORDER BY jobnumber DESC LIMIT ?',
-                                    (min(limit, self.history_size),)).fetchall()
+            rows = self._db.execute('SELECT %s FROM history ORDER BY jobnumber DESC LIMIT ?'
+                                    % ', '.join(HISTORY_COLUMNS), (min(limit, self.history_size),)).fetchall()
         return [_history_dict(row) for row in rows]
 
     def finished(self, jobnumber):
         with self._lock:
-            row = self._db.execute('SELECT jobnumber, priority, task, started, ended, exitcode, '
-                                   'status, output FROM history WHERE jobnumber = ?',
+            row = self._db.execute('SELECT %s FROM history WHERE jobnumber = ?' % ', '.join(HISTORY_COLUMNS),
                                    (jobnumber,)).fetchone()
         return _history_dict(row) if row else None
 
 
 def _history_dict(row):
-    names = ('jobnumber', 'priority', 'task', 'started', 'ended', 'exitcode', 'status', 'output')
-    record = dict(zip(names, row))
+    record = dict(zip(HISTORY_COLUMNS, row))
     record['task'] = json.loads(record['task'])
     return record

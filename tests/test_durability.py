@@ -3,6 +3,7 @@ import os
 import signal
 import time
 
+from bots.launcher import is_alive
 from conftest import wait_until
 
 
@@ -58,19 +59,11 @@ def test_a_running_job_that_died_with_the_server_is_queued_again_once(environmen
     start = wait_until(lambda: environment.runs('start'), message='the job to start')[0]
     environment.stop_server(signal.SIGKILL)
     os.killpg(start['pid'], signal.SIGKILL)
-    wait_until(lambda: not _alive(start['pid']), message='the job to die')
+    wait_until(lambda: not is_alive(start['pid'], ''), message='the job to die')
 
     environment.start_server()
     wait_until(lambda: len(environment.runs('start')) == 2, message='the job to run again')
     assert 'was running when the server stopped and did not finish; queued again' in environment.log()
-
-
-def _alive(pid):
-    try:
-        with open('/proc/%d/stat' % pid) as handle:
-            return handle.read().rsplit(')', 1)[1].split()[0] not in ('Z', 'X')
-    except OSError:
-        return False
 
 
 def test_sigterm_lets_a_short_job_finish(environment):
