@@ -19,7 +19,8 @@ import sys
 import threading
 import time
 
-from . import botslog, config
+from .botsjobqueue import botslog, configuration
+from .botsjobqueue.authorize import Authorizer
 from .job2queue import send_job_to_jobqueue
 
 USAGE = '''\
@@ -27,11 +28,14 @@ This is "%(name)s" version %(version)s, the directory monitor of the Bots job qu
 Watches the directories of the [dirmonitorN] sections of bots.ini and queues
 bots-engine for the route of a directory when files have arrived in it.
 Usage:
-    %(name)s [-c<directory>]
+    %(name)s [-c<directory>] [--reload]
 Options:
     -c<directory>   directory for configuration files (default: config).
-Signals: SIGHUP re-reads bots.ini; SIGTERM / Ctrl-C stop.
-Exit codes: 0 stopped normally; 1 cannot start (configuration).
+    --reload        ask the running bots-dirmonitor of this configuration to
+                    re-read bots.ini (it writes "reload" into the trigger file,
+                    [dirmonitor] trigger, default botssys/.dirmonitor.trigger).
+Signals: SIGHUP re-reads bots.ini (as --reload does); SIGTERM / Ctrl-C stop.
+Exit codes: 0 stopped normally (or reload asked for); 1 cannot start (configuration).
 '''
 
 UNREACHABLE = 1
@@ -45,7 +49,7 @@ class Watch:
         self.section = section
         path = ini.get(section, 'path', '').strip()
         if not path:
-            raise config.ConfigError('Error: [%s] has no path' % section)
+            raise configuration.ConfigError('Error: [%s] has no path' % section)
         self.path = os.path.abspath(path)
         self.filemask = ini.get(section, 'filemask', '*').strip() or '*'
         self.recursive = ini.getboolean(section, 'recursive', False)
@@ -53,7 +57,7 @@ class Watch:
         self.polling = ini.getboolean(section, 'polling', general.polling)
         self.priority = ini.getint(section, 'priority', general.priority)
         if not 1 <= self.priority <= 9:
-            raise config.ConfigError('Error: [%s] priority should be from 1 to 9' % section)
+            raise configuration.ConfigError('Error: [%s] priority should be from 1 to 9' % section)
         task = [environment.python_executable_path, environment.botsengine_path, '-c' + environment.configdir]
         self.task = task + [self.route] if self.route else task
 
@@ -92,6 +96,8 @@ class MonitorSettings:
         self.retry_max = ini.getfloat('dirmonitor', 'retry_max', 60.0)
         self.write_pause_limit = ini.getfloat('dirmonitor', 'write_pause_limit', 600.0)
         self.port = environment.port
+        trigger = ini.get('dirmonitor', 'trigger', '') or '.dirmonitor.trigger'
+        self.trigger = os.path.join(environment.botssys, trigger)
         self.client_timeout = ini.getfloat('jobqueue', 'client_timeout', 10.0)
         sections = [name for name in ini.sections() if name.startswith('dirmonitor') and name != 'dirmonitor']
         self.watches = [Watch(environment, name, self) for name in sections]
@@ -394,9 +400,90 @@ class AppearHandler(_handler_base()):
 
 
 def load(configdir):
-    environment = config.load(configdir)
+    environment = configuration.load(configdir)
     environment.require_jobqueue_enabled()
     return environment, MonitorSettings(environment)
+
+
+def warn_refused(environment, settings, logger):
+    """One warning for each job of a watch that the job queue server would refuse."""
+    authorizer = Authorizer.for_environment(environment)
+    for problem in authorizer.problems:
+        if problem.startswith('[settings]'):
+            logger.warning(problem)
+    for watch in settings.watches:
+        if not authorizer.allows(watch.task):
+            logger.warning('[%s] the job queue server would refuse its job (answer 3, not authorized): %s',
+                           watch.section, watch.task)
+
+
+def ask_reload(settings):
+    """``--reload``: write "reload" into the trigger file that the running monitor watches."""
+    try:
+        with open(settings.trigger, 'w', encoding='utf-8') as handle:
+            handle.write('reload')
+    except OSError as exc:
+        raise configuration.ConfigError('Error: cannot write the trigger file %s: %s'
+                                        % (settings.trigger, exc.strerror or exc))
+    print('Reload asked for: bots-dirmonitor re-reads its configuration (%s).' % settings.trigger)
+
+
+def parse_args(argv, name):
+    """``(configdir, reload)`` from the command line."""
+    reload = '--reload' in argv
+    return configuration.configdir_from_args([arg for arg in argv if arg != '--reload'], name, USAGE), reload
+
+
+class TriggerWatch:
+    """Watches the trigger file (Bots 4's way to reload a dirmonitor, and the one on Windows):
+    when it says ``reload``, the command ``reload`` is given and the file removed."""
+
+    def __init__(self, path, commands, logger):
+        self.path = path
+        self.commands = commands
+        self.logger = logger
+        self._observer = None
+        self.clear()
+
+    def clear(self):
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.logger.error('Cannot remove the trigger file %s: %s', self.path, exc.strerror or exc)
+
+    def start(self):
+        from watchdog.observers import Observer
+        handler_base = _handler_base()
+        trigger = self
+
+        class Handler(handler_base):
+            def on_any_event(self, event):
+                if not event.is_directory and trigger.path in (event.src_path, getattr(event, 'dest_path', '')):
+                    trigger.look()
+
+        self._observer = Observer()
+        self._observer.daemon = True
+        try:
+            self._observer.schedule(Handler(), os.path.dirname(self.path), recursive=False)
+            self._observer.start()
+        except OSError as exc:
+            self.logger.error('Cannot watch the trigger file %s: %s', self.path, exc.strerror or exc)
+
+    def look(self):
+        try:
+            with open(self.path, encoding='utf-8', errors='replace') as handle:
+                content = handle.read().strip().lower()
+        except OSError:
+            return
+        if content == 'reload':
+            self.clear()
+            self.commands.put('reload')
+
+    def stop(self):
+        if self._observer is not None:
+            self._observer.stop()
 
 
 def start():
@@ -407,17 +494,24 @@ def start():
         if hasattr(signal, signame):
             signal.signal(getattr(signal, signame), lambda signum, frame, command=command: commands.put(command))
     try:
-        configdir = config.configdir_from_args(sys.argv[1:], name, USAGE)
+        configdir, reload = parse_args(sys.argv[1:], name)
         environment, settings = load(configdir)
+        if reload:
+            ask_reload(settings)
+            sys.exit(0)
         logger = botslog.init(environment, 'dirmonitor')
-    except config.ConfigError as exc:
+    except configuration.ConfigError as exc:
         print(exc, file=sys.stderr)
         sys.exit(1)
     logger.log(botslog.STARTINFO, 'Bots dirmonitor started.')
     logger.log(botslog.STARTINFO, 'Bots dirmonitor configdir: "%s".', environment.configdir)
+    botslog.log_installation(environment, logger, 'Bots dirmonitor')
     if not settings.watches:
         logger.warning('No [dirmonitorN] sections in %s: nothing to watch.',
                        os.path.join(environment.configdir, 'bots.ini'))
+    warn_refused(environment, settings, logger)
+    trigger = TriggerWatch(settings.trigger, commands, logger)
+    trigger.start()
     outbox = Outbox(settings, logger)
     sender = threading.Thread(target=outbox.run, name='outbox', daemon=True)
     sender.start()
@@ -428,10 +522,11 @@ def start():
             break
         try:
             environment, new_settings = load(configdir)
-        except config.ConfigError as exc:
+        except configuration.ConfigError as exc:
             logger.error('Configuration not reloaded: %s', exc)
             continue
         logger.log(botslog.STARTINFO, 'Bots dirmonitor reloads its configuration.')
+        warn_refused(environment, new_settings, logger)
         known = {watch.identity() for watch in settings.watches}
         dirty = monitor.stop()
         outbox.settings = settings = new_settings
@@ -439,6 +534,7 @@ def start():
                               [w for w in settings.watches if w.identity() not in known])
         monitor.mark_dirty(dirty)
     logger.log(botslog.STARTINFO, 'Bots dirmonitor stops.')
+    trigger.stop()
     monitor.stop()
     outbox.stop()
     sender.join(settings.client_timeout + 5)

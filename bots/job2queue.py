@@ -43,7 +43,7 @@ def send_job_to_jobqueue(task_args, priority=5, port=None, timeout=DEFAULT_TIMEO
     raises for an unreachable server.  ``port`` defaults to the one in the
     loaded bots.ini (Bots' global configuration) or 28082.
     """
-    from . import rpcclient
+    from .botsjobqueue import rpcclient
     if port is None:
         port = _configured_port()
     try:
@@ -66,7 +66,7 @@ def _configured_port():
 
 def parse_args(argv):
     """``(configdir, priority, task)`` from the command line, Bots' rules."""
-    from .config import HELP_OPTIONS, ConfigError, split_configdir_option
+    from .botsjobqueue.configuration import HELP_OPTIONS, ConfigError, split_configdir_option
     configdir = 'config'
     priority = 5
     task = []
@@ -95,7 +95,7 @@ def parse_args(argv):
 def start():
     """Console script entry point."""
     import os
-    from . import __version__, config
+    from .botsjobqueue import __version__, configuration
     name = os.path.basename(sys.argv[0])
     try:
         parsed = parse_args(sys.argv[1:])
@@ -103,11 +103,11 @@ def start():
             print(USAGE % {'name': name, 'version': __version__})
             sys.exit(0)
         configdir, priority, task = parsed
-        environment = config.load(configdir)
+        environment = configuration.load(configdir)
         environment.require_jobqueue_enabled()
         timeout = environment.ini.getfloat('jobqueue', 'client_timeout', DEFAULT_TIMEOUT)
         port = environment.port
-    except config.ConfigError as exc:
+    except configuration.ConfigError as exc:
         print(exc, file=sys.stderr)
         sys.exit(1)
     code = send_job_to_jobqueue(task, priority, port=port, timeout=timeout)

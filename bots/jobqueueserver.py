@@ -10,13 +10,13 @@ import signal
 import sys
 import threading
 
-from . import botslog, config
-from .authorize import Authorizer
-from .jobqueue import Job, JobQueue, canonical_task
-from .launcher import Launcher, LaunchSettings, is_alive
-from .report import Reporter, read_mail_settings
-from .rpc import JobQueueRPCServer, JobQueueService, RPCSettings
-from .store import Store
+from .botsjobqueue import botslog, configuration
+from .botsjobqueue.authorize import Authorizer
+from .botsjobqueue.jobqueue import Job, JobQueue, canonical_task
+from .botsjobqueue.launcher import Launcher, LaunchSettings, is_alive
+from .botsjobqueue.report import Reporter, read_mail_settings
+from .botsjobqueue.rpc import JobQueueRPCServer, JobQueueService, RPCSettings
+from .botsjobqueue.store import Store
 
 USAGE = '''\
 This is "%(name)s" version %(version)s, the job queue server of Bots.
@@ -45,7 +45,7 @@ def lock_environment(botssys):
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        raise config.ConfigError('Error: another bots-jobqueueserver uses the queue in %s' % botssys)
+        raise configuration.ConfigError('Error: another bots-jobqueueserver uses the queue in %s' % botssys)
     return handle
 
 
@@ -92,17 +92,19 @@ def serve(environment, stop):
     try:
         server = JobQueueRPCServer(rpc_settings, logger)
     except OSError as exc:
-        raise config.ConfigError('Error: cannot listen on %s port %s (%s); is another bots-jobqueueserver running?'
+        raise configuration.ConfigError('Error: cannot listen on %s port %s (%s); is another bots-jobqueueserver running?'
                                  % (rpc_settings.host, rpc_settings.port, exc.strerror or exc))
     logger.log(botslog.STARTINFO, 'Bots jobqueue started.')
     logger.log(botslog.STARTINFO, 'Bots jobqueue configdir: "%s".', environment.configdir)
+    botslog.log_installation(environment, logger, 'Bots jobqueue')
     logger.log(botslog.STARTINFO, 'Bots jobqueue listens for xmlrpc at %s port %s.',
                rpc_settings.host, rpc_settings.port)
     if rpc_settings.host not in ('127.0.0.1', 'localhost', '::1'):
         logger.warning('Listening on %s, not only on this machine: other machines can queue jobs.',
                        rpc_settings.host)
-    authorizer = Authorizer(environment.python_executable_path, environment.botsengine_path,
-                            ini.get('jobqueue', 'authorized_tasks', ''), sys.executable)
+    authorizer = Authorizer.for_environment(environment)
+    for problem in authorizer.problems:
+        logger.warning(problem)
     if authorizer.allow_all:
         logger.warning('authorized_tasks = *: any local user can run any program through the job queue.')
     reporter = Reporter(ini.getboolean('settings', 'sendreportiferror', False),
@@ -140,10 +142,10 @@ def start():
         if hasattr(signal, signame):
             signal.signal(getattr(signal, signame), on_signal)
     try:
-        environment = config.load(config.configdir_from_args(sys.argv[1:], name, USAGE))
+        environment = configuration.load(configuration.configdir_from_args(sys.argv[1:], name, USAGE))
         environment.require_jobqueue_enabled()
         serve(environment, stop)
-    except config.ConfigError as exc:
+    except configuration.ConfigError as exc:
         print(exc, file=sys.stderr)
         sys.exit(1)
     sys.exit(0)

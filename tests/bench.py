@@ -25,7 +25,7 @@ import xmlrpc.client
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from bots.store import Store  # noqa: E402  (the product's own schema, to fill a queue quickly)
+from bots.botsjobqueue.store import Store  # noqa: E402  (the product's own schema, to fill a queue quickly)
 
 FAKE_ENGINE = os.path.join(HERE, 'fake_engine.py')
 BIN = os.path.dirname(sys.executable)

@@ -3,7 +3,7 @@ import os
 import signal
 import time
 
-from bots.launcher import is_alive
+from bots.botsjobqueue.launcher import is_alive
 from conftest import wait_until
 
 

@@ -2,8 +2,8 @@
 import random
 import threading
 
-from bots.jobqueue import ADDED, DUPLICATE, JobQueue
-from bots.store import Store
+from bots.botsjobqueue.jobqueue import ADDED, DUPLICATE, JobQueue
+from bots.botsjobqueue.store import Store
 
 
 def make_queue():
@@ -74,7 +74,7 @@ def test_stored_order_survives_a_reload(tmp_path):
     queue.add(['job3'], 1)
     before = [(job.priority, job.jobnumber, job.task) for job in queue.waiting()]
     reloaded = JobQueue(Store(path))
-    from bots.jobqueue import Job, canonical_task
+    from bots.botsjobqueue.jobqueue import Job, canonical_task
     reloaded.restore((Job(item.jobnumber, item.priority, canonical_task(item.task)), None)
                      for item in Store(path).load())
     assert [(job.priority, job.jobnumber, job.task) for job in reloaded.waiting()] == before
@@ -84,9 +84,9 @@ def test_capture_keeps_the_last_bytes_of_a_stream():
     """capture.py, the stand-in for ``tail -c`` where there is none."""
     import subprocess
     import sys
-    import bots.capture
+    import bots.botsjobqueue.capture
     data = b''.join(b'line %d\n' % number for number in range(200000))
-    result = subprocess.run([sys.executable, bots.capture.__file__, '1000'], input=data, capture_output=True,
+    result = subprocess.run([sys.executable, bots.botsjobqueue.capture.__file__, '1000'], input=data, capture_output=True,
                             timeout=60)
     assert result.returncode == 0
     assert result.stdout == data[-1000:]

@@ -36,7 +36,7 @@ def smtp():
 def write_settings(environment, port):
     with open(os.path.join(environment.configdir, 'settings.py'), 'w') as handle:
         handle.write('import os\nPROJECT_PATH = os.path.dirname(__file__)\n'
-                     'ADMINS = (("Operator", "edi@example.com"),)\n'
+                     'MANAGERS = (("Operator", "edi@example.com"),)\n'
                      'SERVER_EMAIL = "bots@example.com"\nEMAIL_HOST = "127.0.0.1"\nEMAIL_PORT = %d\n' % port)
 
 

@@ -16,7 +16,7 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
 MAIL_NAMES = {
-    'ADMINS': (), 'SERVER_EMAIL': 'root@localhost', 'EMAIL_HOST': 'localhost', 'EMAIL_PORT': 25,
+    'MANAGERS': (), 'ADMINS': (), 'SERVER_EMAIL': 'root@localhost', 'EMAIL_HOST': 'localhost', 'EMAIL_PORT': 25,
     'EMAIL_HOST_USER': '', 'EMAIL_HOST_PASSWORD': '', 'EMAIL_USE_TLS': False, 'EMAIL_USE_SSL': False,
     'EMAIL_SUBJECT_PREFIX': '', 'EMAIL_TIMEOUT': 30,
 }
@@ -42,8 +42,19 @@ def read_mail_settings(configdir):
     return settings
 
 
+def recipients(settings):
+    """Who gets the reports: the MANAGERS (as Bots' reports go, by Django's ``mail_managers``);
+    the ADMINS only where there are no MANAGERS."""
+    for name in ('MANAGERS', 'ADMINS'):
+        entries = settings[name] if isinstance(settings[name], (tuple, list)) else ()
+        addresses = [entry[1] for entry in entries if isinstance(entry, (tuple, list)) and len(entry) > 1]
+        if addresses:
+            return addresses
+    return []
+
+
 class Reporter:
-    """Sends error reports to the ADMINS, when the configuration asks for it."""
+    """Sends error reports to the MANAGERS, when the configuration asks for it."""
 
     def __init__(self, enabled, mail_settings, logger):
         self.enabled = enabled
@@ -80,13 +91,13 @@ class Reporter:
     def send(self, subject, body):
         """Send one report now (raises when the mail server refuses)."""
         settings = self.settings
-        recipients = [admin[1] for admin in settings['ADMINS'] if len(admin) > 1]
-        if not recipients:
-            raise ValueError('no ADMINS in settings.py to send it to')
+        to = recipients(settings)
+        if not to:
+            raise ValueError('no MANAGERS (nor ADMINS) in settings.py to send it to')
         message = EmailMessage()
         message['Subject'] = settings['EMAIL_SUBJECT_PREFIX'] + subject
         message['From'] = settings['SERVER_EMAIL']
-        message['To'] = ', '.join(recipients)
+        message['To'] = ', '.join(to)
         message['Date'] = formatdate(localtime=True)
         message['Message-ID'] = make_msgid()
         message.set_content(body)
@@ -98,4 +109,4 @@ class Reporter:
             if settings['EMAIL_HOST_USER']:
                 smtp.login(settings['EMAIL_HOST_USER'], settings['EMAIL_HOST_PASSWORD'])
             smtp.send_message(message)
-        self.logger.info('Sent error report "%s" to %s', subject, ', '.join(recipients))
+        self.logger.info('Sent error report "%s" to %s', subject, ', '.join(to))

@@ -2,8 +2,9 @@
 # [settings] sendreportiferror = True in bots.ini).  The names are Django's,
 # as in Bots' own settings.py.  Only plain values are read.
 
-# Who receives error reports: a tuple of (name, address) pairs.
-ADMINS = (
+# Who receives error reports: a tuple of (name, address) pairs.  As in Bots,
+# the reports go to the MANAGERS; to the ADMINS only when there are no MANAGERS.
+MANAGERS = (
     # ('Bots operator', 'edi-operator@example.com'),
 )
 # Sender address of the reports.

@@ -1,9 +1,17 @@
 """Configuration: the ``-c<directory>`` option and ``bots.ini``, read as Bots reads it.
 
-Relative paths (the configuration directory, ``[directories] botssys``) are
-taken from the working directory, like any other command-line path.  When the
-named configuration directory does not exist there, the one bundled inside
-the package is tried (so the default ``config`` works out of the box).
+Where relative paths (the configuration directory, ``[directories] botssys``)
+lead depends on where the package is installed:
+
+- *inside Bots* (installed into the Python that holds Bots, so that Bots' own
+  modules lie beside ours in the ``bots`` package directory): as Bots resolves
+  them.  ``-c<name>`` is the directory ``<name>`` in the Bots package directory
+  when there is one, else ``<name>`` in the working directory; a relative
+  botssys lies in the Bots package directory.  So ``-cconfig`` is Bots' own
+  ``bots/config`` and the log lands in Bots' ``botssys/logging``.
+- *standalone* (own virtual environment, a checkout): from the working
+  directory; when there is no ``config`` there, the configuration bundled with
+  this package (``bots/botsjobqueue/config``) is used.
 """
 import configparser
 import os
@@ -12,6 +20,54 @@ import sys
 from . import __version__
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+BUNDLED_CONFIG = os.path.join(PACKAGE_DIR, 'config')
+BOTS_PACKAGE_DIR = os.path.dirname(PACKAGE_DIR)
+ENGINE_NAMES = ('bots-engine', 'bots-engine.py')
+
+
+def bots_dir():
+    """Bots' package directory when this package is installed inside Bots; None when standalone."""
+    if os.path.isfile(os.path.join(BOTS_PACKAGE_DIR, 'botsinit.py')):
+        return BOTS_PACKAGE_DIR
+    return None
+
+
+def bots_version(directory):
+    """The version of the Bots in ``directory`` (``__about__.py`` of bots-ediint, or Bots 3's
+    ``botsglobal.py``), read without importing Bots; '' when it cannot be told."""
+    import re
+    for filename, pattern in (('__about__.py', r'__version_info__\s*=\s*\(([\d,\s]+)\)'),
+                              ('botsglobal.py', r'^version\s*=\s*[\'"]([^\'"]+)')):
+        try:
+            with open(os.path.join(directory, filename), encoding='utf-8', errors='replace') as handle:
+                match = re.search(pattern, handle.read(), re.MULTILINE)
+        except OSError:
+            continue
+        if match:
+            return '.'.join(part.strip() for part in match.group(1).split(',') if part.strip())
+    return ''
+
+
+def scripts_dirs(python):
+    """Where the console scripts of the Python ``python`` are installed: beside it (POSIX, and a
+    Windows virtual environment), or in ``Scripts`` beside it (a Windows installation)."""
+    here = os.path.dirname(os.path.abspath(python))
+    return [here, os.path.join(here, 'Scripts')] if os.name == 'nt' else [here]
+
+
+def find_program(name, directories):
+    """The path of the program ``name`` in one of ``directories`` (with Windows' .exe and
+    friends), or None."""
+    import shutil
+    for directory in directories:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+        if os.name == 'nt':
+            found = shutil.which(name, path=directory)
+            if found:
+                return found
+    return None
 
 
 class ConfigError(Exception):
@@ -66,10 +122,11 @@ class BotsIni:
 class Environment:
     """One Bots environment: its configuration directory, bots.ini and botssys."""
 
-    def __init__(self, configdir, ini, botssys):
+    def __init__(self, configdir, ini, botssys, bots_dir=None):
         self.configdir = configdir
         self.ini = ini
         self.botssys = botssys
+        self.bots_dir = bots_dir        # Bots' package directory when installed inside Bots
 
     @property
     def logdir(self):
@@ -86,20 +143,44 @@ class Environment:
         return self.ini.get('settings', 'python_executable_path', '') or sys.executable
 
     @property
+    def engine_dirs(self):
+        """Where Bots' own programs are: the scripts directory of the configured Python."""
+        return scripts_dirs(self.python_executable_path)
+
+    @property
     def botsengine_path(self):
-        default = os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), 'bots-engine.py')
-        return self.ini.get('settings', 'botsengine_path', '') or default
+        """The configured engine; by default ``bots-engine`` or ``bots-engine.py``, whichever is
+        installed beside the configured Python, beside this program or on the PATH."""
+        import shutil
+        configured = self.ini.get('settings', 'botsengine_path', '')
+        if configured:
+            return configured
+        here = os.path.dirname(os.path.abspath(sys.argv[0]))
+        for name in ENGINE_NAMES:
+            found = find_program(name, self.engine_dirs + [here])
+            if found:
+                return found
+        for name in ENGINE_NAMES:
+            found = shutil.which(name)
+            if found:
+                return found
+        return os.path.join(here, 'bots-engine.py')
 
     @property
     def port(self):
         return self.ini.getint('jobqueue', 'port', 28082)
 
 
-def find_configdir(name):
+def find_configdir(name, inside_bots=None):
     """The configuration directory named by ``-c`` (default ``config``), as an absolute path."""
-    candidates = [os.path.abspath(name)]
-    if not os.path.isabs(name):
-        candidates.append(os.path.join(PACKAGE_DIR, name))
+    if os.path.isabs(name):
+        candidates = [name]
+    elif inside_bots:
+        candidates = [os.path.join(inside_bots, name), os.path.abspath(name)]
+    else:
+        candidates = [os.path.abspath(name)]
+        if os.path.normpath(name) == 'config':
+            candidates.append(BUNDLED_CONFIG)
     for candidate in candidates:
         if os.path.isdir(candidate):
             return candidate
@@ -108,7 +189,8 @@ def find_configdir(name):
 
 def load(configdir_name='config'):
     """Read ``<configdir>/bots.ini``; raise ConfigError with a one-line text on any problem."""
-    configdir = find_configdir(configdir_name)
+    inside_bots = bots_dir()
+    configdir = find_configdir(configdir_name, inside_bots)
     inifile = os.path.join(configdir, 'bots.ini')
     if not os.path.isfile(inifile):
         raise ConfigError('Error: no bots.ini in configuration directory "%s"' % configdir)
@@ -120,8 +202,9 @@ def load(configdir_name='config'):
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError('Error: cannot read %s: %s' % (inifile, first_line))
     ini = BotsIni(parser)
-    botssys = os.path.abspath(ini.get('directories', 'botssys', 'botssys') or 'botssys')
-    return Environment(configdir, ini, botssys)
+    botssys = ini.get('directories', 'botssys', 'botssys') or 'botssys'
+    botssys = os.path.join(inside_bots, botssys) if inside_bots else os.path.abspath(botssys)
+    return Environment(configdir, ini, os.path.normpath(botssys), inside_bots)
 
 
 def split_configdir_option(arg):

@@ -7,7 +7,7 @@ import logging
 import logging.handlers
 import os
 
-from .config import ConfigError
+from .configuration import ConfigError, bots_version
 
 STARTINFO = 25
 logging.addLevelName(STARTINFO, 'STARTINFO')
@@ -59,3 +59,14 @@ def init(environment, process_name):
         levels.append(console_level)
     logger.setLevel(min(levels))
     return logger
+
+
+def log_installation(environment, logger, program):
+    """Say which Bots installation ``program`` serves, or that it runs on its own."""
+    if environment.bots_dir:
+        logger.log(STARTINFO, '%s serves Bots %s installed in "%s"; botssys: "%s".', program,
+                   bots_version(environment.bots_dir) or '(version unknown)', environment.bots_dir,
+                   environment.botssys)
+    else:
+        logger.log(STARTINFO, '%s runs standalone (no Bots in this Python); botssys: "%s".', program,
+                   environment.botssys)

@@ -8,7 +8,7 @@ import os
 import sys
 import xmlrpc.client
 
-from . import __version__, config, rpcclient
+from . import __version__, configuration, rpcclient
 
 USAGE = '''\
 This is "%(name)s" version %(version)s: look at and manage the Bots job queue.
@@ -94,7 +94,7 @@ def start():
     show_all = False
     words = []
     for arg in args:
-        if arg in config.HELP_OPTIONS:
+        if arg in configuration.HELP_OPTIONS:
             print(USAGE % {'name': name, 'version': __version__})
             sys.exit(0)
         elif arg == '--json':
@@ -103,18 +103,18 @@ def start():
             show_all = True
         elif arg.startswith('-c'):
             try:
-                configdir = config.split_configdir_option(arg)
-            except config.ConfigError as exc:
+                configdir = configuration.split_configdir_option(arg)
+            except configuration.ConfigError as exc:
                 sys.exit(_fail(str(exc)))
         else:
             words.append(arg)
     command, params = (words[0], words[1:]) if words else ('status', [])
     try:
-        environment = config.load(configdir)
+        environment = configuration.load(configdir)
         environment.require_jobqueue_enabled()
         timeout = environment.ini.getfloat('jobqueue', 'client_timeout', 10)
         numbers = [int(param) for param in params]
-    except config.ConfigError as exc:
+    except configuration.ConfigError as exc:
         sys.exit(_fail(str(exc)))
     except ValueError:
         sys.exit(_fail('Error: job numbers and counts are whole numbers; see %s --help' % name))
