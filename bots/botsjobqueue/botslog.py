@@ -64,8 +64,9 @@ def init(environment, process_name):
 def log_installation(environment, logger, program):
     """Say which Bots installation ``program`` serves, or that it runs on its own."""
     if environment.bots_dir:
-        logger.log(STARTINFO, '%s serves Bots %s installed in "%s"; botssys: "%s".', program,
+        logger.log(STARTINFO, '%s serves Bots %s in "%s" (%s); botssys: "%s".', program,
                    bots_version(environment.bots_dir) or '(version unknown)', environment.bots_dir,
+                   'installed inside it' if environment.inside_bots else 'from beside it',
                    environment.botssys)
     else:
         logger.log(STARTINFO, '%s runs standalone (no Bots in this Python); botssys: "%s".', program,

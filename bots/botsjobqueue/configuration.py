@@ -9,6 +9,10 @@ lead depends on where the package is installed:
   when there is one, else ``<name>`` in the working directory; a relative
   botssys lies in the Bots package directory.  So ``-cconfig`` is Bots' own
   ``bots/config`` and the log lands in Bots' ``botssys/logging``.
+- *beside Bots* (own virtual environment) with ``-c`` naming the ``config``
+  directory inside a Bots installation: a relative botssys lies in that Bots
+  package directory too, and Bots' programs are looked for in that
+  installation's scripts directory;
 - *standalone* (own virtual environment, a checkout): from the working
   directory; when there is no ``config`` there, the configuration bundled with
   this package (``bots/botsjobqueue/config``) is used.
@@ -119,14 +123,39 @@ class BotsIni:
         return self._parser.sections()
 
 
+def served_bots(configdir, inside_bots):
+    """The Bots installation whose configuration this is: the one we are installed in, or the one
+    whose package directory holds the configuration directory (a job queue beside Bots, started
+    with ``-c`` pointing at Bots' ``config``); None when the configuration is not Bots'."""
+    if inside_bots:
+        return inside_bots
+    parent = os.path.dirname(configdir)
+    return parent if os.path.isfile(os.path.join(parent, 'botsinit.py')) else None
+
+
+def bots_scripts_dir(package_dir):
+    """The scripts directory (``<prefix>/bin``, ``<prefix>\\Scripts``) of the Python environment
+    that a Bots package directory is installed in, known by its bots-engine; None if not found."""
+    up = package_dir
+    for _ in range(4):
+        up = os.path.dirname(up)
+        for name in ('bin', 'Scripts'):
+            directory = os.path.join(up, name)
+            if any(find_program(engine, [directory]) for engine in ENGINE_NAMES):
+                return directory
+    return None
+
+
 class Environment:
     """One Bots environment: its configuration directory, bots.ini and botssys."""
 
-    def __init__(self, configdir, ini, botssys, bots_dir=None):
+    def __init__(self, configdir, ini, botssys, bots_dir=None, inside_bots=False):
         self.configdir = configdir
         self.ini = ini
         self.botssys = botssys
-        self.bots_dir = bots_dir        # Bots' package directory when installed inside Bots
+        self.bots_dir = bots_dir            # package directory of the Bots this configuration is of
+        self.inside_bots = inside_bots      # installed into that Bots' own Python
+        self._bots_scripts = None
 
     @property
     def logdir(self):
@@ -139,13 +168,32 @@ class Environment:
 
     # [settings] shared by server, client and directory monitor
     @property
+    def bots_scripts(self):
+        """The scripts directory of the Bots installation served, or None."""
+        if self._bots_scripts is None and self.bots_dir:
+            self._bots_scripts = bots_scripts_dir(self.bots_dir) or ''
+        return self._bots_scripts or None
+
+    @property
     def python_executable_path(self):
-        return self.ini.get('settings', 'python_executable_path', '') or sys.executable
+        """The configured Python; by default the running one, or - beside Bots - Bots' own."""
+        configured = self.ini.get('settings', 'python_executable_path', '')
+        if configured:
+            return configured
+        if self.bots_dir and not self.inside_bots and self.bots_scripts:
+            found = find_program('python', [self.bots_scripts]) or find_program('python3', [self.bots_scripts])
+            if found:
+                return found
+        return sys.executable
 
     @property
     def engine_dirs(self):
-        """Where Bots' own programs are: the scripts directory of the configured Python."""
-        return scripts_dirs(self.python_executable_path)
+        """Where Bots' own programs are: the scripts directory of the configured Python, and of
+        the Bots installation served."""
+        dirs = scripts_dirs(self.python_executable_path)
+        if self.bots_scripts and self.bots_scripts not in dirs:
+            dirs.append(self.bots_scripts)
+        return dirs
 
     @property
     def botsengine_path(self):
@@ -202,9 +250,10 @@ def load(configdir_name='config'):
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError('Error: cannot read %s: %s' % (inifile, first_line))
     ini = BotsIni(parser)
+    served = served_bots(configdir, inside_bots)
     botssys = ini.get('directories', 'botssys', 'botssys') or 'botssys'
-    botssys = os.path.join(inside_bots, botssys) if inside_bots else os.path.abspath(botssys)
-    return Environment(configdir, ini, os.path.normpath(botssys), inside_bots)
+    botssys = os.path.join(served, botssys) if served else os.path.abspath(botssys)
+    return Environment(configdir, ini, os.path.normpath(botssys), served, bool(inside_bots))
 
 
 def split_configdir_option(arg):
