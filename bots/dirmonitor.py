@@ -420,6 +420,7 @@ def warn_refused(environment, settings, logger):
 def ask_reload(settings):
     """``--reload``: write "reload" into the trigger file that the running monitor watches."""
     try:
+        os.makedirs(os.path.dirname(settings.trigger), exist_ok=True)
         with open(settings.trigger, 'w', encoding='utf-8') as handle:
             handle.write('reload')
     except OSError as exc:

@@ -1,5 +1,6 @@
 """bots-dirmonitor with a real server, a real monitor and real directories."""
 import os
+import re
 import signal
 import subprocess
 import time
@@ -44,7 +45,7 @@ def monitored(environment, tmp_path):
     environment.inbox = inbox
     environment.other = other
     environment.monitor = Monitor(environment)
-    environment.configure = lambda extra='', general='': environment.write_ini(extra='''
+    environment.configure = lambda extra='', general='', settings='': environment.write_ini(settings=settings, extra='''
 [dirmonitor]
 quiet_period = 0.5
 log_console = False
@@ -186,18 +187,36 @@ def test_a_directory_that_appears_later_is_watched(monitored, tmp_path):
     assert routes(monitored) == ['late']
 
 
-def test_sighup_reloads_the_configuration(monitored, tmp_path):
+def reload_by_signal(monitored):
+    monitored.monitor.process.send_signal(signal.SIGHUP)
+
+
+def reload_by_option(monitored):
+    """Bots 4's way, and the one on Windows: ``--reload`` writes the trigger file."""
+    result = monitored.run('bots-dirmonitor', '-c' + monitored.configdir, '--reload')
+    assert result.returncode == 0 and 'Reload asked for' in result.stdout, result.stderr
+
+
+def reload_by_trigger_file(monitored):
+    """What Bots 4's admin does when a route is saved."""
+    with open(os.path.join(monitored.botssys, '.dirmonitor.trigger'), 'w') as handle:
+        handle.write('reload')
+
+
+@pytest.mark.parametrize('reload', [reload_by_signal, reload_by_option, reload_by_trigger_file])
+def test_reload_rereads_the_configuration(monitored, tmp_path, reload):
     third = tmp_path / 'third'
     third.mkdir()
     monitored.start_server()
     monitored.monitor.start()
     monitored.configure(extra='\n[dirmonitor3]\npath = %s\nroute = third\n' % third)
-    monitored.monitor.process.send_signal(signal.SIGHUP)
+    reload(monitored)
     wait_until(lambda: 'reloads its configuration' in monitored.log('dirmonitor'), message='the reload')
     wait_until(lambda: '[dirmonitor3] watching' in monitored.log('dirmonitor'), message='the new watch')
     write(third / 'new.txt')
     wait_until(lambda: monitored.runs(), message='the run for the new section')
     assert routes(monitored) == ['third']
+    assert not os.path.exists(os.path.join(monitored.botssys, '.dirmonitor.trigger'))
     assert monitored.monitor.stop() == 0
 
 
@@ -231,3 +250,14 @@ def test_a_directory_that_disappears_and_comes_back_is_watched_again(monitored):
     write(monitored.other / 'back.txt')
     wait_until(lambda: len(monitored.runs()) == 2, message='the run for the directory that came back')
     assert routes(monitored) == ['inbound', 'other']
+
+
+def test_start_warns_for_a_job_the_server_would_refuse(monitored, tmp_path):
+    missing = str(tmp_path / 'no-engine.py')
+    monitored.configure(settings='botsengine_path = %s' % missing)
+    monitored.monitor.start()
+    wait_until(lambda: '[dirmonitor2] watching' in monitored.log('dirmonitor'), message='the watches')
+    log = monitored.log('dirmonitor')
+    assert 'botsengine_path: no program "%s"' % missing in log
+    for section in ('dirmonitor1', 'dirmonitor2'):
+        assert len(re.findall(r'WARNING.*\[%s\] the job queue server would refuse its job' % section, log)) == 1

@@ -131,14 +131,17 @@ def test_client_api(server):
 
 
 def test_default_config_is_the_bundled_one(tmp_path):
-    """Started from a directory without config/, the programs use the package's bots.ini (port 28082)."""
+    """Started from a directory without config/, the programs read the bundled bots.ini (which
+    enables the queue) and keep botssys in the working directory.  ``bots-dirmonitor --reload``
+    shows both without contacting any server."""
     from conftest import script
     import subprocess
-    result = subprocess.run([script('bots-job2queue'), 'bots-engine.py'], cwd=str(tmp_path),
+    result = subprocess.run([script('bots-dirmonitor'), '--reload'], cwd=str(tmp_path),
                             capture_output=True, text=True, timeout=30)
-    # The bundled configuration enables the queue; no server listens on 28082 here.
-    assert result.returncode in (0, 1, 3, 4)
-    assert 'not enabled' not in result.stderr and 'Traceback' not in result.stderr
+    assert result.returncode == 0, result.stderr
+    trigger = tmp_path / 'botssys' / '.dirmonitor.trigger'
+    assert str(trigger) in result.stdout
+    assert trigger.read_text() == 'reload'
 
 
 def test_arguments_with_markup_characters_arrive_unchanged(server):

@@ -1,4 +1,6 @@
 """The job queue server as Bots' clients see it: XML-RPC calls, launch order, logs."""
+import os
+import shutil
 import socket
 import sys
 import time
@@ -169,6 +171,53 @@ def test_authorized_tasks_allows_listed_programs(environment, tmp_path):
     assert proxy.addjob(['false'], 5) == 3
     wait_until(marker.exists, message='the authorized program to run')
     wait_until(lambda: marker.read_text() == 'my_parm_1 my_parm_2\n', message='its arguments')
+
+
+def test_authorized_tasks_take_bots_4_separators(environment, tmp_path):
+    programs = []
+    for name in ('first', 'second', 'third', 'fourth'):
+        program = tmp_path / name
+        program.write_text('#!/bin/sh\necho %s >> %s\n' % (name, tmp_path / 'ran'))
+        program.chmod(0o755)
+        programs.append(str(program))
+    environment.write_ini(jobqueue='authorized_tasks = %s %s;%s,\n    %s' % tuple(programs))
+    environment.start_server()
+    proxy = environment.proxy()
+    assert [proxy.addjob([program], 5) for program in programs] == [0, 0, 0, 0]
+    wait_until(lambda: (tmp_path / 'ran').exists() and len((tmp_path / 'ran').read_text().split()) == 4,
+               message='the four programs')
+
+
+def test_start_warns_once_for_each_program_that_would_be_refused(environment, tmp_path):
+    missing_engine = str(tmp_path / 'nowhere' / 'bots-engine.py')
+    environment.write_ini(settings='botsengine_path = %s' % missing_engine,
+                          jobqueue='authorized_tasks = %s, no-such-program-here' % (tmp_path / 'gone'))
+    environment.start_server()
+    environment.proxy().listjobs()          # the server answers once its start-up is done
+    warnings = [line for line in environment.log().splitlines() if 'WARNING' in line]
+    assert len([line for line in warnings if 'botsengine_path: no program "%s"' % missing_engine in line]) == 1
+    assert len([line for line in warnings if 'no program "%s"' % (tmp_path / 'gone') in line]) == 1
+    assert len([line for line in warnings if 'no program "no-such-program-here" on the PATH or in' in line]) == 1
+
+
+def test_bare_engine_name_is_found_beside_the_configured_python(environment, tmp_path):
+    """Beside Bots: the monitor queues the bare name bots-engine; Bots' scripts directory (that of
+    python_executable_path) need not be on the server's PATH."""
+    scripts = tmp_path / 'bots-python' / 'bin'
+    scripts.mkdir(parents=True)
+    os.symlink(sys.executable, str(scripts / 'python'))
+    engine = scripts / 'bots-engine'
+    engine.write_text('#!%s\n%s' % (sys.executable, open(FAKE_ENGINE).read()))
+    engine.chmod(0o755)
+    environment.write_ini(settings='python_executable_path = %s\nbotsengine_path =' % (scripts / 'python'))
+    environment.start_server()
+    assert shutil.which('bots-engine', path=environment.env['PATH']) is None
+    proxy = environment.proxy()
+    assert proxy.addjob(['bots-engine', '-cconfig', '--new'], 5) == 0
+    assert proxy.addjob([str(scripts / 'python'), str(engine), '-cconfig', 'route'], 5) == 0
+    wait_until(lambda: len(environment.runs()) == 2, message='both engine runs')
+    assert [run['argv'] for run in environment.runs()] == [['-cconfig', '--new'], ['-cconfig', 'route']]
+    assert 'WARNING' not in environment.log()
 
 
 def test_star_allows_any_program(environment, tmp_path):

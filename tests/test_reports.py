@@ -91,3 +91,20 @@ def test_locked_engine_is_reported_when_it_keeps_happening(environment, smtp):
     wait_until(lambda: inbox.subjects(), message='the report')
     assert inbox.subjects() == ['[Bots Job Queue] - Engine database stays locked']
     assert environment.proxy().clearjobq() == 0
+
+
+@pytest.mark.parametrize('names, expected', [
+    ({'MANAGERS': 'managers@example.com', 'ADMINS': 'admins@example.com'}, ['managers@example.com']),
+    ({'ADMINS': 'admins@example.com'}, ['admins@example.com']),
+])
+def test_reports_go_to_the_managers_as_in_bots(environment, smtp, names, expected):
+    controller, inbox = smtp
+    with open(os.path.join(environment.configdir, 'settings.py'), 'w') as handle:
+        for name, address in names.items():
+            handle.write('%s = (("someone", "%s"),)\n' % (name, address))
+        handle.write('EMAIL_HOST = "127.0.0.1"\nEMAIL_PORT = "%d"\n' % controller.port)
+    environment.write_ini(settings='sendreportiferror = True')
+    environment.start_server()
+    environment.proxy().addjob(environment.engine('system-error', '--exit=1'), 5)
+    wait_until(lambda: inbox.subjects(), message='the report')
+    assert inbox.messages[0][0] == expected
