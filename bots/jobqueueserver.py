@@ -13,7 +13,7 @@ import threading
 from .botsjobqueue import botslog, configuration
 from .botsjobqueue.authorize import Authorizer
 from .botsjobqueue.jobqueue import Job, JobQueue, canonical_task
-from .botsjobqueue.launcher import Launcher, LaunchSettings, is_alive
+from .botsjobqueue.launcher import Launcher, LaunchSettings
 from .botsjobqueue.report import Reporter, read_mail_settings
 from .botsjobqueue.rpc import JobQueueRPCServer, JobQueueService, RPCSettings
 from .botsjobqueue.store import Store
@@ -64,7 +64,7 @@ def restore_queue(store, queue, launcher, logger):
     gc.disable()          # 100,000 new objects would set off collection after collection
     count = queue.restore(waiting())
     for item in running:
-        if item.pid and is_alive(item.pid, item.pid_start):
+        if launcher.still_runs(item):
             launcher.adopt(item)
         elif item.requeued == 0:
             logger.warning('Job %s was running when the server stopped and did not finish; queued again: %s',

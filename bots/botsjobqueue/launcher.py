@@ -4,7 +4,12 @@ Each runner is a thread that blocks in ``JobQueue.take()`` and starts the job
 the moment it gets one, without a shell, with stdin from the null device, in
 a session of its own (so a kill reaches the job's children, and a job outlives
 a server that dies).  Its output goes through a pipe to the output keeper
-(``capture.py``), one process for all jobs.
+(``capture.py``), one process for all jobs; the keeper holds the pipe before
+the job is started, so a job never writes into a pipe only the server reads.
+
+Each job also holds a lock file from the moment it is forked (``RunLocks``):
+after a crash at any instant of a start, the restarted server sees whether
+the job runs, and waits for it rather than start a second copy.
 """
 import datetime
 import heapq
@@ -22,6 +27,9 @@ import time
 from .jobqueue import Job, canonical_task
 
 CAPTURE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'capture.py')
+
+# Test hook: the fault tests set this to kill the server at a chosen instant of a start.
+KILL_AT = os.environ.get('BOTS_JOBQUEUE_TEST_KILL_AT', '')
 
 ENGINE_OK, ENGINE_SYSTEM_ERROR, ENGINE_PROCESS_ERRORS, ENGINE_DATABASE_LOCKED = 0, 1, 2, 3
 # Exit codes of a job ended by the shutdown signal itself (a Ctrl-C reaches a job still being spawned).
@@ -41,6 +49,7 @@ class LaunchSettings:
         self.locked_retry_delay = ini.getfloat('jobqueue', 'locked_retry_delay', 60)
         self.locked_report_after = ini.getint('jobqueue', 'locked_report_after', 3)
         self.outputdir = os.path.join(environment.botssys, 'jobqueue', 'output')
+        self.lockdir = os.path.join(environment.botssys, 'jobqueue', 'running')
 
 
 def _proc_stat(pid):
@@ -113,6 +122,8 @@ def elapsed(seconds):
 
 def signal_group(pid, signum):
     """Send ``signum`` to a job's whole process group (to the process only where there are none)."""
+    if not pid:
+        return
     try:
         if hasattr(os, 'killpg'):
             os.killpg(pid, signum)
@@ -120,6 +131,102 @@ def signal_group(pid, signum):
             os.kill(pid, signal.SIGTERM)       # Windows: TerminateProcess
     except (ProcessLookupError, PermissionError, OSError):
         pass
+
+
+class RunLocks:
+    """A lock file for each running job, held by the job's own process (POSIX ``flock``).
+
+    The server locks ``<jobnumber>.lock`` before it starts the job and hands the locked file to
+    it; the lock lasts while the job (or a child that kept the file) runs, whoever else dies, and
+    is gone the moment the job is.  So a restarted server knows, for a job stored as running,
+    whether it runs - even when the server died between the fork and storing the job's pid.
+    """
+
+    def __init__(self, directory):
+        import fcntl
+        self._fcntl = fcntl
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+
+    @staticmethod
+    def available():
+        try:
+            import fcntl  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def path(self, jobnumber):
+        return os.path.join(self.directory, '%d.lock' % jobnumber)
+
+    def take(self, jobnumber):
+        """A locked, non-inheritable file descriptor to pass to the job's process."""
+        fd = os.open(self.path(jobnumber), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self._fcntl.flock(fd, self._fcntl.LOCK_EX | self._fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+    def runs(self, jobnumber):
+        """True while a process holds the job's lock, False when none does; None without a lock file."""
+        try:
+            fd = os.open(self.path(jobnumber), os.O_RDWR)
+        except FileNotFoundError:
+            return None
+        try:
+            self._fcntl.flock(fd, self._fcntl.LOCK_EX | self._fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def wait(self, jobnumber):
+        """Block until no process holds the job's lock."""
+        try:
+            fd = os.open(self.path(jobnumber), os.O_RDWR)
+        except FileNotFoundError:
+            return
+        try:
+            self._fcntl.flock(fd, self._fcntl.LOCK_EX)
+        finally:
+            os.close(fd)
+
+    def holder(self, jobnumber):
+        """The pid of the job that holds the lock (Linux: the session leader among the processes
+        that have the file open), or None."""
+        try:
+            wanted = os.stat(self.path(jobnumber))
+            pids = [int(name) for name in os.listdir('/proc') if name.isdigit()]
+        except OSError:
+            return None
+        holders = []
+        for pid in pids:
+            try:
+                fds = os.listdir('/proc/%d/fd' % pid)
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    found = os.stat('/proc/%d/fd/%s' % (pid, fd))
+                except OSError:
+                    continue
+                if (found.st_dev, found.st_ino) == (wanted.st_dev, wanted.st_ino):
+                    holders.append(pid)
+                    break
+        for pid in holders:
+            fields = _proc_stat(pid)
+            if fields is not None and fields[3] == str(pid).encode():
+                return pid
+        return holders[0] if holders else None
+
+    def remove(self, jobnumber):
+        try:
+            os.remove(self.path(jobnumber))
+        except OSError:
+            pass
 
 
 class Deadlines:
@@ -166,6 +273,9 @@ class OutputKeeper:
     """The capture process (``capture.py --serve``) that keeps the end of every job's output.
 
     One process for all jobs: starting one beside each job would cost every dispatch time.
+    The server keeps its own read end of each running job's pipe until the job ends: should
+    the keeper die, a new one gets every pipe again, and no job ever meets a pipe without a
+    reader (a broken pipe would kill it).
     """
 
     def __init__(self, limit, logger):
@@ -173,7 +283,9 @@ class OutputKeeper:
         self.logger = logger
         self._lock = threading.Lock()
         self._done = {}              # output file -> Event, set when the keeper has written it
+        self._open = {}              # output file -> the server's read end of the job's pipe
         self._socket = None
+        self._closing = False
         self.process = None
         self._start()
 
@@ -192,18 +304,36 @@ class OutputKeeper:
         threading.Thread(target=self._listen, args=(ours,), name='output-keeper', daemon=True).start()
 
     def keep(self, read_fd, path):
-        """Hand a job's output pipe to the keeper; return an Event that is set once ``path`` is written."""
+        """Hand a job's output pipe to the keeper (``read_fd`` is the keeper's now: see ``release``);
+        return an Event that is set once ``path`` is written."""
         done = threading.Event()
-        message = [path.encode('utf-8', 'surrogateescape')]
         with self._lock:
             self._done[path] = done
+            self._open[path] = read_fd
             try:
-                socket.send_fds(self._socket, message, [read_fd])
+                self._send(path, read_fd)
             except OSError:
-                self.logger.warning('The output keeper (pid %s) is gone; starting a new one.', self.process.pid)
-                self._start()
-                socket.send_fds(self._socket, message, [read_fd])
+                self._replace()
         return done
+
+    def release(self, path):
+        """The job of ``path`` has ended: the server's read end of its pipe is closed."""
+        with self._lock:
+            read_fd = self._open.pop(path, None)
+        if read_fd is not None:
+            os.close(read_fd)
+
+    def _send(self, path, read_fd):
+        socket.send_fds(self._socket, [path.encode('utf-8', 'surrogateescape')], [read_fd])
+
+    def _replace(self):
+        """(With the lock held.)  The keeper is gone: a new one gets the pipes of all running jobs."""
+        self.logger.warning('The output keeper (pid %s) is gone; starting a new one.', self.process.pid)
+        self.process.poll()
+        self._socket.close()
+        self._start()
+        for path, read_fd in self._open.items():
+            self._send(path, read_fd)
 
     def _listen(self, sock):
         while True:
@@ -212,6 +342,9 @@ class OutputKeeper:
             except OSError:
                 message = b''
             if not message:
+                with self._lock:
+                    if sock is self._socket and not self._closing:
+                        self._replace()
                 return
             with self._lock:
                 done = self._done.pop(message.decode('utf-8', 'surrogateescape'), None)
@@ -221,6 +354,7 @@ class OutputKeeper:
     def close(self):
         """No more outputs: the keeper writes what it holds and ends."""
         with self._lock:
+            self._closing = True
             self._socket.close()
 
 
@@ -267,12 +401,14 @@ class Launcher:
         self.settings = settings
         self.logger = logger
         self.reporter = reporter
-        self.running = {}              # jobnumber -> RunningJob
+        self.running = {}              # jobnumber -> RunningJob, started here or adopted
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)      # notified when a job leaves ``running``
         self._threads = []
         self._stopping = False
         self._deadlines = Deadlines()
         os.makedirs(settings.outputdir, exist_ok=True)
+        self._locks = RunLocks(settings.lockdir) if RunLocks.available() else None
         # Where file descriptors cannot be passed, a capture process runs beside each job.
         self._keeper = OutputKeeper(settings.output_limit, logger) if OutputKeeper.available() else None
 
@@ -284,33 +420,46 @@ class Launcher:
             self._threads.append(thread)
 
     def stop(self, grace):
-        """Graceful shutdown: no new jobs; running ones get ``grace`` seconds, then are stopped.
+        """Graceful shutdown: no new jobs; running ones - started here or adopted after a restart -
+        get ``grace`` seconds, then are stopped (SIGTERM, SIGKILL after ``kill_grace``).
 
         A job stopped this way goes back to the queue for the next start.
         """
         self._stopping = True
         self.queue.close()
-        deadline = time.monotonic() + grace
-        for thread in self._threads:
-            thread.join(max(0, deadline - time.monotonic()))
-        with self._lock:
-            left = list(self.running.values())
+        left = self._running_after(grace)
+        if left:
+            self.logger.log(25, 'Waiting up to %s seconds for running job(s) %s to finish.', grace,
+                            ', '.join(str(running.job.jobnumber) for running in left))
+            left = self._running_after(grace, wait=True)
         for running in left:
             self.logger.warning('Stopping job %s: the server shuts down; it will run again at the next start.',
                                 running.job.jobnumber)
             running.stopped_by_shutdown = True
             signal_group(running.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.kill_grace
+        for running in self._running_after(self.settings.kill_grace, wait=bool(left)):
+            signal_group(running.pid, getattr(signal, 'SIGKILL', signal.SIGTERM))
+        deadline = time.monotonic() + 5
         for thread in self._threads:
             thread.join(max(0, deadline - time.monotonic()))
-        with self._lock:
-            left = list(self.running.values())
-        for running in left:
-            signal_group(running.pid, getattr(signal, 'SIGKILL', signal.SIGTERM))
-        for thread in self._threads:
-            thread.join(5)
         if self._keeper is not None:
             self._keeper.close()
+
+    def _running_after(self, seconds, wait=False):
+        """The running jobs (all of them at once; with ``wait``, those still running after ``seconds``)."""
+        deadline = time.monotonic() + seconds
+        with self._idle:
+            while wait and self.running and time.monotonic() < deadline:
+                self._idle.wait(deadline - time.monotonic())
+            return list(self.running.values())
+
+    def _forget(self, jobnumber):
+        """The job no longer runs: out of ``running``, its lock file gone."""
+        with self._idle:
+            del self.running[jobnumber]
+            self._idle.notify_all()
+        if self._locks is not None:
+            self._locks.remove(jobnumber)
 
     def status(self):
         with self._lock:
@@ -360,28 +509,39 @@ class Launcher:
             self._cannot_start(job, started, 'not an authorized program (any more): %s' % job.task[0])
             return None
         read_end, write_end = os.pipe()
+        lock = None
         try:
+            if self._keeper is not None:
+                # The keeper reads the pipe before the job can write to it: should the server die
+                # at any instant from here on, the job never meets a pipe without a reader.
+                relay, relay_pid = self._keeper.keep(read_end, output), self._keeper.process.pid
+            if self._locks is not None:
+                lock = self._locks.take(job.jobnumber)
             try:
                 process = subprocess.Popen(list(job.task), executable=executable, stdin=subprocess.DEVNULL,
                                            stdout=write_end, stderr=write_end, close_fds=True,
-                                           start_new_session=True)
+                                           pass_fds=() if lock is None else (lock,), start_new_session=True)
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
+                if self._locks is not None:
+                    self._locks.remove(job.jobnumber)
+                if self._keeper is not None:
+                    self._keeper.release(output)
                 self._cannot_start(job, started, str(exc))
                 return None
+            if KILL_AT == 'spawned':
+                os.kill(os.getpid(), signal.SIGKILL)
             os.close(write_end)
             write_end = None
-            if self._keeper is not None:
-                relay, relay_pid = self._keeper.keep(read_end, output), self._keeper.process.pid
-            else:
+            if self._keeper is None:
                 with open(output, 'wb') as output_file:
                     relay = subprocess.Popen([sys.executable, '-I', '-S', CAPTURE_SCRIPT, str(settings.output_limit)],
                                              stdin=read_end, stdout=output_file, stderr=subprocess.DEVNULL,
                                              close_fds=True, start_new_session=True)
                 relay_pid = relay.pid
         finally:
-            os.close(read_end)
-            if write_end is not None:
-                os.close(write_end)
+            for fd in (write_end, lock) if self._keeper is not None else (read_end, write_end, lock):
+                if fd is not None:
+                    os.close(fd)
         running = RunningJob(job, process.pid, started, output)
         self.store.set_process(job.jobnumber, process.pid, process_start_time(process.pid), relay_pid, output)
         with self._lock:
@@ -393,30 +553,57 @@ class Launcher:
     def _wait(self, job, process, relay, running):
         """Wait for the job's end; return what is needed to collect its output."""
         exitcode = process.wait()
+        if self._keeper is not None:
+            self._keeper.release(running.output)
         for timer in running.timers:
             self._deadlines.cancel(timer)
-        with self._lock:
-            del self.running[job.jobnumber]
+        self._forget(job.jobnumber)
         return self._finished(job, running.started, time.time(), exitcode, running, relay)
 
-    def adopt(self, stored):
-        """Wait for a job that was started before a restart and still runs; hold the queue meanwhile."""
-        self.queue.hold()
-        thread = threading.Thread(target=self._adopted, args=(stored,), name='adopted-%d' % stored.jobnumber,
-                                  daemon=True)
-        thread.start()
+    def still_runs(self, stored):
+        """True when a job stored as running (before a restart) still runs."""
+        if self._locks is not None:
+            runs = self._locks.runs(stored.jobnumber)
+            if runs is not None:
+                return runs
+        # No lock file: the server died before it forked the job, or the job is older than locks.
+        return bool(stored.pid) and is_alive(stored.pid, stored.pid_start)
 
-    def _adopted(self, stored):
+    def adopt(self, stored):
+        """Supervise a job that was started before a restart and still runs, like one started here
+        (status, maxruntime, shutdown); hold the queue until it ends."""
+        self.queue.hold()
+        pid = stored.pid
+        if not pid and self._locks is not None:
+            # The server died before it stored the pid: the job is the process holding its lock.
+            pid = self._locks.holder(stored.jobnumber)
+            if pid:
+                self.store.set_process(stored.jobnumber, pid, process_start_time(pid), None, stored.output)
         job = Job(stored.jobnumber, stored.priority, canonical_task(stored.task), stored.requeued, stored.locked)
-        running = RunningJob(job, stored.pid, stored.started or time.time(), stored.output)
+        output = stored.output or os.path.join(self.settings.outputdir, '%d.out' % stored.jobnumber)
+        running = RunningJob(job, pid, stored.started or time.time(), output)
         with self._lock:
             self.running[job.jobnumber] = running
+        if self.settings.maxruntime > 0:
+            remaining = running.started + self.settings.maxruntime * 60 - time.time()
+            running.timers.append(self._deadlines.add(max(0, remaining), self._maxruntime_exceeded, running))
+        thread = threading.Thread(target=self._adopted, args=(stored, running), name='adopted-%d' % job.jobnumber,
+                                  daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _adopted(self, stored, running):
+        job = running.job
         try:
             self.logger.warning('Job %s (pid %s) still runs from before the restart; no job starts until it ends.',
-                                job.jobnumber, stored.pid)
-            wait_for_pid(stored.pid, stored.pid_start)
-            with self._lock:
-                del self.running[job.jobnumber]
+                                job.jobnumber, running.pid or 'unknown')
+            if self._locks is not None and self._locks.runs(job.jobnumber) is not None:
+                self._locks.wait(job.jobnumber)
+            else:
+                wait_for_pid(running.pid, stored.pid_start)
+            for timer in running.timers:
+                self._deadlines.cancel(timer)
+            self._forget(job.jobnumber)
             # The exit code of a process that is not our child cannot be known.
             end = self._finished(job, running.started, time.time(), None, running, stored.relay_pid)
             if end.leaves_queue:
@@ -518,6 +705,11 @@ class Launcher:
         elif end.relay:
             # A keeper from before a restart: it ends once the outputs it holds are written.
             wait_for_pid(end.relay, '', timeout=10)
+        elif end.output_file:
+            # A keeper from before a restart that died before it could say which: the file comes.
+            deadline = time.monotonic() + 5
+            while not os.path.exists(end.output_file) and time.monotonic() < deadline:
+                time.sleep(0.05)
         job, exitcode = end.job, end.exitcode
         output = read_output(end.output_file)
         if output:
