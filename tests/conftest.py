@@ -51,6 +51,7 @@ class Environment:
         self.record = os.path.join(self.root, 'runs.jsonl')
         self.port = free_port()
         self.server = None
+        self.server_env = {}        # extra environment of the next server started
         os.makedirs(self.configdir)
         self.write_ini()
 
@@ -95,7 +96,8 @@ class Environment:
 
     def start_server(self, wait=True):
         self.server = subprocess.Popen([script('bots-jobqueueserver'), '-c' + self.configdir], cwd=self.root,
-                                       env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                       env=dict(self.env, **self.server_env), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
         if wait:
             wait_until(self._listening, message='the server to listen')
         return self.server

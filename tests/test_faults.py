@@ -1,0 +1,66 @@
+"""Faults aimed at the promises: a server killed at the worst instant of a start, shutdown
+while a job from before a restart runs, a lost output keeper."""
+import signal
+import time
+
+from conftest import wait_until
+
+
+def overlaps(runs):
+    """Pairs of runs (by argv) that ran at the same time."""
+    return [(a['argv'], b['argv']) for a, b in zip(runs, runs[1:]) if b['start'] < a['time']]
+
+
+def test_a_kill_between_fork_and_stored_pid_never_runs_the_job_twice(environment):
+    """The server dies right after forking the job, before it stored the pid (forced by a test
+    hook): the restarted server must find the job and wait for it, not start a second copy; the
+    job must not die of a broken pipe when it writes after its server died."""
+    environment.server_env = {'BOTS_JOBQUEUE_TEST_KILL_AT': 'spawned'}
+    environment.start_server()
+    environment.proxy().addjob(environment.engine('first', '--sleep=2', '--late-print=200000'), 5)
+    assert environment.server.wait(30) == -signal.SIGKILL
+    environment.server_env = {}
+    environment.start_server()
+    proxy = environment.proxy()
+    assert proxy.addjob(environment.engine('second'), 5) == 0
+    wait_until(lambda: len(environment.runs()) == 2, timeout=60, message='both jobs to end')
+    time.sleep(0.5)
+    starts = environment.runs('start')
+    assert [run['argv'][0] for run in starts] == ['first', 'second'], 'the first job ran twice'
+    assert overlaps(environment.runs()) == []
+    assert 'Job 1 (pid %d) still runs from before the restart' % starts[0]['pid'] in environment.log()
+
+
+def test_shutdown_gives_an_adopted_job_its_grace(environment):
+    """SIGTERM while a job adopted after a restart runs: it gets shutdown_grace like any job,
+    ends normally, and does not run again at the next start."""
+    environment.write_ini(jobqueue='shutdown_grace = 30')
+    environment.start_server()
+    environment.proxy().addjob(environment.engine('adopted', '--sleep=3'), 5)
+    wait_until(lambda: environment.runs('start'), message='the job to start')
+    environment.stop_server(signal.SIGKILL)
+    environment.start_server()
+    wait_until(lambda: 'still runs from before the restart' in environment.log(), message='the adoption')
+    assert environment.stop_server(signal.SIGTERM) == 0
+    assert [run['argv'][0] for run in environment.runs()] == ['adopted']     # it ended by itself
+    assert 'Waiting up to 30.0 seconds for running job(s) 1 to finish.' in environment.log()
+    assert 'Stopping job 1' not in environment.log()
+    environment.start_server()
+    proxy = environment.proxy()
+    assert proxy.listjobs() == [] and proxy.status()['running'] == []
+    time.sleep(0.5)
+    assert len(environment.runs('start')) == 1
+
+
+def test_shutdown_stops_an_adopted_job_after_the_grace_and_keeps_it(environment):
+    environment.write_ini(jobqueue='shutdown_grace = 1')
+    environment.start_server()
+    environment.proxy().addjob(environment.engine('long', '--sleep=60'), 5)
+    wait_until(lambda: environment.runs('start'), message='the job to start')
+    environment.stop_server(signal.SIGKILL)
+    environment.start_server()
+    wait_until(lambda: 'still runs from before the restart' in environment.log(), message='the adoption')
+    assert environment.stop_server(signal.SIGTERM) == 0
+    assert 'Stopping job 1: the server shuts down' in environment.log()
+    environment.start_server()
+    wait_until(lambda: len(environment.runs('start')) == 2, message='the stopped job to run again')
