@@ -64,3 +64,23 @@ def test_shutdown_stops_an_adopted_job_after_the_grace_and_keeps_it(environment)
     assert 'Stopping job 1: the server shuts down' in environment.log()
     environment.start_server()
     wait_until(lambda: len(environment.runs('start')) == 2, message='the stopped job to run again')
+
+
+def test_a_failing_store_pauses_the_queue_and_it_goes_on(environment):
+    """The store cannot be written for a while (here another process holds the database
+    locked, as a full disk would make it fail): the runner waits and tries again."""
+    import sqlite3
+    import os
+    environment.start_server()
+    proxy = environment.proxy()
+    proxy.addjob(environment.engine('blocker', '--sleep=1'), 5)
+    wait_until(lambda: environment.runs('start'), message='the blocker to start')
+    assert proxy.addjob(environment.engine('after'), 5) == 0
+    blocker = sqlite3.connect(os.path.join(environment.botssys, 'jobqueue.db'), isolation_level=None)
+    blocker.execute('BEGIN EXCLUSIVE')
+    wait_until(lambda: 'The job store fails' in environment.log(), timeout=60, message='the store error')
+    blocker.execute('ROLLBACK')
+    blocker.close()
+    wait_until(lambda: len(environment.runs()) == 2, timeout=60, message='the next job to run')
+    assert [run['argv'][0] for run in environment.runs()] == ['blocker', 'after']
+    assert 'The job store works again' in environment.log()

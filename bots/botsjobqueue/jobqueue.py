@@ -165,13 +165,21 @@ class JobQueue:
 
         ``done``: the number of a job that has just ended; it leaves the store in the same
         transaction that marks the next one running (one commit between two jobs, not two).
+        When the store fails, the job stays first in the queue and the error is raised.
         """
         with self._lock:
             while True:
                 if not self._closed and self._holds == 0:
                     job = self._pop()
                     if job is not None:
-                        self._store.set_running(job.jobnumber, done)
+                        try:
+                            self._store.set_running(job.jobnumber, done)
+                        except BaseException:
+                            # Not marked running: it is still the next job to take.
+                            self._waiting[job.jobnumber] = job
+                            self._by_task[job.task] = job
+                            heapq.heappush(self._heap, (job.priority, job.jobnumber))
+                            raise
                         return job
                 if done is not None:
                     self._store.remove(done)

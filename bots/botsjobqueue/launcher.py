@@ -19,6 +19,7 @@ import os
 import select
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -227,6 +228,30 @@ class RunLocks:
             os.remove(self.path(jobnumber))
         except OSError:
             pass
+
+
+class StoreTrouble:
+    """A runner whose store fails (a full disk, a locked database) waits and tries again - 1
+    second, doubling up to a minute - rather than stop the queue; logged and reported once."""
+
+    def __init__(self, logger, reporter):
+        self.logger = logger
+        self.reporter = reporter
+        self.pause = 0
+
+    def failed(self, exc):
+        if not self.pause:
+            self.logger.error('The job store fails (%s); the queue waits and tries again.', exc)
+            self.reporter.report('[Bots Job Queue] - Job store fails',
+                                 'The job queue cannot write its store: %s\nNo job starts until it can; '
+                                 'it tries again every minute at most.' % exc)
+        self.pause = min(60, max(1, self.pause * 2))
+        time.sleep(self.pause)
+
+    def recovered(self):
+        if self.pause:
+            self.logger.log(25, 'The job store works again; the queue goes on.')
+            self.pause = 0
 
 
 class Deadlines:
@@ -476,8 +501,14 @@ class Launcher:
         """
         ended = []          # Ended jobs whose log line or output is still to come
         done = None         # number of the job that just ended, still in the store
+        trouble = StoreTrouble(self.logger, self.reporter)
         while True:
-            job = self.queue.take(block=not ended, done=done)
+            try:
+                job = self.queue.take(block=not ended, done=done)
+            except (sqlite3.Error, OSError) as exc:
+                trouble.failed(exc)       # waits a while; the job is still first in the queue
+                continue
+            trouble.recovered()
             done = None
             if job is None:
                 if not ended:
@@ -543,9 +574,14 @@ class Launcher:
                 if fd is not None:
                     os.close(fd)
         running = RunningJob(job, process.pid, started, output)
-        self.store.set_process(job.jobnumber, process.pid, process_start_time(process.pid), relay_pid, output)
         with self._lock:
             self.running[job.jobnumber] = running
+        try:
+            self.store.set_process(job.jobnumber, process.pid, process_start_time(process.pid), relay_pid, output)
+        except (sqlite3.Error, OSError) as exc:
+            # The job is supervised all the same; after a crash its lock file tells that it runs.
+            self.logger.error('Job %s (pid %s) runs, but its pid could not be stored: %s',
+                              job.jobnumber, process.pid, exc)
         if settings.maxruntime > 0:
             running.timers.append(self._deadlines.add(settings.maxruntime * 60, self._maxruntime_exceeded, running))
         return process, relay, running
