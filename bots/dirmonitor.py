@@ -13,14 +13,13 @@ again with a growing pause; nothing is dropped while the monitor runs.
 import collections
 import fnmatch
 import os
-import queue
-import signal
 import sys
 import threading
 import time
 
 from .botsjobqueue import botslog, configuration
 from .botsjobqueue.authorize import Authorizer
+from .botsjobqueue.signals import Signals
 from .job2queue import send_job_to_jobqueue
 
 USAGE = '''\
@@ -490,10 +489,7 @@ class TriggerWatch:
 def start():
     """Console script entry point."""
     name = os.path.basename(sys.argv[0])
-    commands = queue.SimpleQueue()
-    for signame, command in (('SIGTERM', 'stop'), ('SIGINT', 'stop'), ('SIGBREAK', 'stop'), ('SIGHUP', 'reload')):
-        if hasattr(signal, signame):
-            signal.signal(getattr(signal, signame), lambda signum, frame, command=command: commands.put(command))
+    commands = Signals({'SIGTERM': 'stop', 'SIGINT': 'stop', 'SIGBREAK': 'stop', 'SIGHUP': 'reload'})
     try:
         configdir, reload = parse_args(sys.argv[1:], name)
         environment, settings = load(configdir)
@@ -518,7 +514,7 @@ def start():
     sender.start()
     monitor = run_monitor(settings, logger, outbox, settings.process_existing)
     while True:
-        command = commands.get()
+        command = commands.next()
         if command == 'stop':
             break
         try:

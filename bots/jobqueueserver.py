@@ -6,7 +6,6 @@ the shutdown.
 """
 import gc
 import os
-import signal
 import sys
 import threading
 
@@ -16,7 +15,8 @@ from .botsjobqueue.jobqueue import Job, JobQueue, canonical_task
 from .botsjobqueue.launcher import Launcher, LaunchSettings
 from .botsjobqueue.report import Reporter, read_mail_settings
 from .botsjobqueue.rpc import JobQueueRPCServer, JobQueueService, RPCSettings
-from .botsjobqueue.store import Store
+from .botsjobqueue.signals import Signals
+from .botsjobqueue.store import DamagedStore, Store
 
 USAGE = '''\
 This is "%(name)s" version %(version)s, the job queue server of Bots.
@@ -81,8 +81,8 @@ def restore_queue(store, queue, launcher, logger):
     return count + len(running)
 
 
-def serve(environment, stop):
-    """Run the server until ``stop`` is set.  Raises ConfigError when it cannot start."""
+def serve(environment, signals):
+    """Run the server until a signal asks it to stop.  Raises ConfigError when it cannot start."""
     ini = environment.ini
     logger = botslog.init(environment, 'jobqueue')
     rpc_settings = RPCSettings(environment)
@@ -109,7 +109,11 @@ def serve(environment, stop):
         logger.warning('authorized_tasks = *: any local user can run any program through the job queue.')
     reporter = Reporter(ini.getboolean('settings', 'sendreportiferror', False),
                         read_mail_settings(environment.configdir), logger)
-    store = Store(os.path.join(environment.botssys, 'jobqueue.db'), ini.getint('jobqueue', 'history', 500))
+    try:
+        store = Store(os.path.join(environment.botssys, 'jobqueue.db'), ini.getint('jobqueue', 'history', 500))
+    except DamagedStore as exc:
+        logger.critical('%s', exc)
+        raise configuration.ConfigError(str(exc))
     queue = JobQueue(store)
     launcher = Launcher(queue, store, authorizer, launch_settings, logger, reporter)
     count = restore_queue(store, queue, launcher, logger)
@@ -119,7 +123,7 @@ def serve(environment, stop):
     launcher.start()
     listener = threading.Thread(target=server.serve_forever, name='rpc', daemon=True)
     listener.start()
-    stop.wait()
+    signals.next()
     logger.log(botslog.STARTINFO, 'Bots jobqueue stops: no new jobs are accepted.')
     server.shutdown()
     server.server_close()
@@ -133,18 +137,11 @@ def serve(environment, stop):
 def start():
     """Console script entry point."""
     name = os.path.basename(sys.argv[0])
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        stop.set()
-
-    for signame in ('SIGTERM', 'SIGINT', 'SIGBREAK', 'SIGHUP'):
-        if hasattr(signal, signame):
-            signal.signal(getattr(signal, signame), on_signal)
+    signals = Signals({signame: 'stop' for signame in ('SIGTERM', 'SIGINT', 'SIGBREAK', 'SIGHUP')})
     try:
         environment = configuration.load(configuration.configdir_from_args(sys.argv[1:], name, USAGE))
         environment.require_jobqueue_enabled()
-        serve(environment, stop)
+        serve(environment, signals)
     except configuration.ConfigError as exc:
         print(exc, file=sys.stderr)
         sys.exit(1)

@@ -1,7 +1,11 @@
 """Faults aimed at the promises: a server killed at the worst instant of a start, shutdown
 while a job from before a restart runs, a lost output keeper."""
+import os
+import re
 import signal
 import time
+
+import pytest
 
 from conftest import wait_until
 
@@ -70,7 +74,6 @@ def test_a_failing_store_pauses_the_queue_and_it_goes_on(environment):
     """The store cannot be written for a while (here another process holds the database
     locked, as a full disk would make it fail): the runner waits and tries again."""
     import sqlite3
-    import os
     environment.start_server()
     proxy = environment.proxy()
     proxy.addjob(environment.engine('blocker', '--sleep=1'), 5)
@@ -84,3 +87,36 @@ def test_a_failing_store_pauses_the_queue_and_it_goes_on(environment):
     wait_until(lambda: len(environment.runs()) == 2, timeout=60, message='the next job to run')
     assert [run['argv'][0] for run in environment.runs()] == ['blocker', 'after']
     assert 'The job store works again' in environment.log()
+
+
+def damage_truncate(db):
+    open(db, 'w').close()
+
+
+def damage_garbage(db):
+    with open(db, 'r+b') as handle:
+        handle.write(b'\xde\xad' * 50)          # the database header
+
+
+def damage_vanish(db):
+    os.remove(db)
+
+
+@pytest.mark.parametrize('stop, damage', [(signal.SIGKILL, damage_truncate), (signal.SIGTERM, damage_garbage),
+                                          (signal.SIGKILL, damage_vanish)])
+def test_a_damaged_database_is_refused_in_one_line(environment, stop, damage):
+    environment.write_ini(jobqueue='shutdown_grace = 0.1')
+    environment.start_server()
+    proxy = environment.proxy()
+    proxy.addjob(environment.engine('blocker', '--sleep=30'), 5)
+    for number in range(50):
+        proxy.addjob(environment.engine('waiting%d' % number), 5)
+    environment.stop_server(stop)    # SIGKILL leaves the write-ahead log; SIGTERM writes all into the database
+    db = os.path.join(environment.botssys, 'jobqueue.db')
+    damage(db)
+    environment.start_server(wait=False)
+    assert environment.server.wait(30) == 1
+    stderr = environment.server.stderr.read()
+    assert len(stderr.splitlines()) == 1 and stderr.startswith('Error: the job store ') and 'damaged' in stderr
+    kept = re.search(r'a copy is kept as (\S+?)\.  ', stderr)
+    assert kept and os.path.isfile(kept.group(1)), stderr

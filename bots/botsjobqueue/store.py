@@ -8,6 +8,7 @@ death of the process; after a power loss the last commits may be missing.
 import collections
 import json
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -47,6 +48,36 @@ StoredJob = collections.namedtuple('StoredJob', COLUMNS)
 StoredJob.__doc__ = 'A job as it comes back from the database at start-up (its task decoded).'
 
 
+class DamagedStore(Exception):
+    """The database cannot be trusted; its text is one line for the operator."""
+
+
+def check_damage(path):
+    """Refuse a database that is damaged or has lost its contents, before anything is written.
+
+    SQLite never leaves an empty file once the schema is in, and a write-ahead log without its
+    database means the database vanished: both would otherwise start an empty queue.
+    """
+    if path == ':memory:':
+        return
+    if os.path.exists(path):
+        if os.path.getsize(path) == 0:
+            raise DamagedStore(_damaged(path, 'the file is empty'))
+    elif os.path.exists(path + '-wal'):
+        raise DamagedStore(_damaged(path + '-wal', 'its database %s has vanished' % path))
+
+
+def _damaged(path, reason):
+    kept = '%s.damaged-%s' % (path, time.strftime('%Y%m%d-%H%M%S'))
+    try:
+        shutil.copy2(path, kept)
+        copy = 'a copy is kept as %s' % kept
+    except OSError as exc:
+        copy = 'no copy could be kept (%s)' % (exc.strerror or exc)
+    return ('Error: the job store %s is damaged (%s); %s.  Restore it from a backup, or move it away '
+            'to start with an empty queue.' % (path, reason, copy))
+
+
 class Store:
     """Persistence of the queue.  Thread-safe; every method commits before it returns."""
 
@@ -57,10 +88,17 @@ class Store:
         self.history_size = history_size
         self._finished = 0
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute('PRAGMA journal_mode=WAL')
-        self._db.execute('PRAGMA synchronous=NORMAL')
-        self._db.executescript(SCHEMA)
+        check_damage(path)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            problems = [row[0] for row in self._db.execute('PRAGMA quick_check')]
+            if problems != ['ok']:
+                raise sqlite3.DatabaseError(problems[0])
+            self._db.execute('PRAGMA journal_mode=WAL')
+            self._db.execute('PRAGMA synchronous=NORMAL')
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise DamagedStore(_damaged(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
 
     def close(self):
         with self._lock:
