@@ -200,16 +200,19 @@ def test_start_warns_once_for_each_program_that_would_be_refused(environment, tm
     assert len([line for line in warnings if 'no program "no-such-program-here" on the PATH or in' in line]) == 1
 
 
-def test_bare_engine_name_is_found_beside_the_configured_python(environment, tmp_path):
+@pytest.mark.parametrize('authorized', ['', '*'])
+def test_bare_engine_name_is_found_beside_the_configured_python(environment, tmp_path, authorized):
     """Beside Bots: the monitor queues the bare name bots-engine; Bots' scripts directory (that of
-    python_executable_path) need not be on the server's PATH."""
+    python_executable_path) need not be on the server's PATH.  With ``*`` the name is started the
+    way it was authorized."""
     scripts = tmp_path / 'bots-python' / 'bin'
     scripts.mkdir(parents=True)
     os.symlink(sys.executable, str(scripts / 'python'))
     engine = scripts / 'bots-engine'
     engine.write_text('#!%s\n%s' % (sys.executable, open(FAKE_ENGINE).read()))
     engine.chmod(0o755)
-    environment.write_ini(settings='python_executable_path = %s\nbotsengine_path =' % (scripts / 'python'))
+    environment.write_ini(settings='python_executable_path = %s\nbotsengine_path =' % (scripts / 'python'),
+                          jobqueue='authorized_tasks = %s' % authorized)
     environment.start_server()
     assert shutil.which('bots-engine', path=environment.env['PATH']) is None
     proxy = environment.proxy()
@@ -217,7 +220,7 @@ def test_bare_engine_name_is_found_beside_the_configured_python(environment, tmp
     assert proxy.addjob([str(scripts / 'python'), str(engine), '-cconfig', 'route'], 5) == 0
     wait_until(lambda: len(environment.runs()) == 2, message='both engine runs')
     assert [run['argv'] for run in environment.runs()] == [['-cconfig', '--new'], ['-cconfig', 'route']]
-    assert 'WARNING' not in environment.log()
+    assert 'WARNING' not in environment.log().replace('WARNING  : authorized_tasks = *', '')
 
 
 def test_star_allows_any_program(environment, tmp_path):
