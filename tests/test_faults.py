@@ -35,16 +35,21 @@ def test_a_kill_between_fork_and_stored_pid_never_runs_the_job_twice(environment
     assert 'Job 1 (pid %d) still runs from before the restart' % starts[0]['pid'] in environment.log()
 
 
-def test_shutdown_gives_an_adopted_job_its_grace(environment):
-    """SIGTERM while a job adopted after a restart runs: it gets shutdown_grace like any job,
-    ends normally, and does not run again at the next start."""
-    environment.write_ini(jobqueue='shutdown_grace = 30')
+def adopted_after_restart(environment, jobqueue, *engine_args):
+    """A server killed while its job runs, and started again: it has adopted the job."""
+    environment.write_ini(jobqueue=jobqueue)
     environment.start_server()
-    environment.proxy().addjob(environment.engine('adopted', '--sleep=3'), 5)
+    environment.proxy().addjob(environment.engine(*engine_args), 5)
     wait_until(lambda: environment.runs('start'), message='the job to start')
     environment.stop_server(signal.SIGKILL)
     environment.start_server()
     wait_until(lambda: 'still runs from before the restart' in environment.log(), message='the adoption')
+
+
+def test_shutdown_gives_an_adopted_job_its_grace(environment):
+    """SIGTERM while a job adopted after a restart runs: it gets shutdown_grace like any job,
+    ends normally, and does not run again at the next start."""
+    adopted_after_restart(environment, 'shutdown_grace = 30', 'adopted', '--sleep=3')
     assert environment.stop_server(signal.SIGTERM) == 0
     assert [run['argv'][0] for run in environment.runs()] == ['adopted']     # it ended by itself
     assert 'Waiting up to 30.0 seconds for running job(s) 1 to finish.' in environment.log()
@@ -57,13 +62,7 @@ def test_shutdown_gives_an_adopted_job_its_grace(environment):
 
 
 def test_shutdown_stops_an_adopted_job_after_the_grace_and_keeps_it(environment):
-    environment.write_ini(jobqueue='shutdown_grace = 1')
-    environment.start_server()
-    environment.proxy().addjob(environment.engine('long', '--sleep=60'), 5)
-    wait_until(lambda: environment.runs('start'), message='the job to start')
-    environment.stop_server(signal.SIGKILL)
-    environment.start_server()
-    wait_until(lambda: 'still runs from before the restart' in environment.log(), message='the adoption')
+    adopted_after_restart(environment, 'shutdown_grace = 1', 'long', '--sleep=60')
     assert environment.stop_server(signal.SIGTERM) == 0
     assert 'Stopping job 1: the server shuts down' in environment.log()
     environment.start_server()
