@@ -159,12 +159,13 @@ class JobQueue:
             return len(self._by_task)
 
     # ---- for the runners
-    def take(self, block=True, done=None):
+    def take(self, block=True, done=None, runner=None):
         """The next job, marked running.  Blocks until there is one, or returns None at once
         when ``block`` is false and there is none.  None once closed.
 
         ``done``: the number of a job that has just ended; it leaves the store in the same
         transaction that marks the next one running (one commit between two jobs, not two).
+        ``runner``: the number of the runner that takes it, stored with it.
         When the store fails, the job stays first in the queue and the error is raised.
         """
         with self._lock:
@@ -173,7 +174,7 @@ class JobQueue:
                     job = self._pop()
                     if job is not None:
                         try:
-                            self._store.set_running(job.jobnumber, done)
+                            self._store.set_running(job.jobnumber, done, runner)
                         except BaseException:
                             # Not marked running: it is still the next job to take.
                             self._waiting[job.jobnumber] = job

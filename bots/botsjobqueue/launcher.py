@@ -137,17 +137,22 @@ def signal_group(pid, signum):
 class RunLocks:
     """A lock file for each running job, held by the job's own process (POSIX ``flock``).
 
-    The server locks ``<jobnumber>.lock`` before it starts the job and hands the locked file to
-    it; the lock lasts while the job (or a child that kept the file) runs, whoever else dies, and
-    is gone the moment the job is.  So a restarted server knows, for a job stored as running,
-    whether it runs - even when the server died between the fork and storing the job's pid.
+    Before a runner starts a job it locks its file ``runner-<n>.lock`` and hands the locked file
+    to the job: the lock lasts while the job (or a child that kept the file) runs, whoever else
+    dies, and is gone the moment the job is.  So a restarted server knows, for a job stored as
+    running by runner n, whether it runs - even when the server died between the fork and
+    storing the job's pid.  The runners' files exist from the start (creating a file per job
+    would cost every dispatch time); should a process of an earlier job still hold a runner's
+    file, the job gets a file of its own, ``job-<jobnumber>.lock``.
     """
 
-    def __init__(self, directory):
+    def __init__(self, directory, runners):
         import fcntl
         self._fcntl = fcntl
         self.directory = directory
         os.makedirs(directory, exist_ok=True)
+        for runner in range(1, runners + 1):
+            os.close(os.open(self._runner_path(runner), os.O_RDWR | os.O_CREAT, 0o600))
 
     @staticmethod
     def available():
@@ -157,24 +162,48 @@ class RunLocks:
             return False
         return True
 
-    def path(self, jobnumber):
-        return os.path.join(self.directory, '%d.lock' % jobnumber)
+    def _runner_path(self, runner):
+        return os.path.join(self.directory, 'runner-%d.lock' % runner)
 
-    def take(self, jobnumber):
-        """A locked, non-inheritable file descriptor to pass to the job's process."""
-        fd = os.open(self.path(jobnumber), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            self._fcntl.flock(fd, self._fcntl.LOCK_EX | self._fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise
+    def _job_path(self, jobnumber):
+        return os.path.join(self.directory, 'job-%d.lock' % jobnumber)
+
+    def take_runner(self, runner):
+        """The runner's file, locked (a non-inheritable descriptor to pass to its next job); None
+        while a process of an earlier job still holds it."""
+        return self._take(self._runner_path(runner))
+
+    def take_job(self, jobnumber):
+        """The job's own file, locked: for a job whose runner's file is held."""
+        fd = self._take(self._job_path(jobnumber))
+        if fd is None:
+            raise OSError('the lock file of job %d is held by another process' % jobnumber)
         return fd
 
-    def runs(self, jobnumber):
-        """True while a process holds the job's lock, False when none does; None without a lock file."""
+    def _take(self, path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fd = os.open(self.path(jobnumber), os.O_RDWR)
+            self._fcntl.flock(fd, self._fcntl.LOCK_EX | self._fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def _path(self, stored):
+        """The lock file of a job stored as running, or None when it has none."""
+        own = self._job_path(stored.jobnumber)
+        if os.path.exists(own):
+            return own
+        return self._runner_path(stored.runner) if stored.runner else None
+
+    def runs(self, stored):
+        """True while a process holds the job's lock, False when none does; None without a lock file."""
+        path = self._path(stored)
+        try:
+            fd = os.open(path, os.O_RDWR) if path else None
         except FileNotFoundError:
+            fd = None
+        if fd is None:
             return None
         try:
             self._fcntl.flock(fd, self._fcntl.LOCK_EX | self._fcntl.LOCK_NB)
@@ -184,24 +213,25 @@ class RunLocks:
         finally:
             os.close(fd)
 
-    def wait(self, jobnumber):
+    def wait(self, stored):
         """Block until no process holds the job's lock."""
         try:
-            fd = os.open(self.path(jobnumber), os.O_RDWR)
-        except FileNotFoundError:
+            fd = os.open(self._path(stored), os.O_RDWR)
+        except (OSError, TypeError):
             return
         try:
             self._fcntl.flock(fd, self._fcntl.LOCK_EX)
+            self._fcntl.flock(fd, self._fcntl.LOCK_UN)
         finally:
             os.close(fd)
 
-    def holder(self, jobnumber):
+    def holder(self, stored):
         """The pid of the job that holds the lock (Linux: the session leader among the processes
         that have the file open), or None."""
         try:
-            wanted = os.stat(self.path(jobnumber))
+            wanted = os.stat(self._path(stored))
             pids = [int(name) for name in os.listdir('/proc') if name.isdigit()]
-        except OSError:
+        except (OSError, TypeError):
             return None
         holders = []
         for pid in pids:
@@ -224,8 +254,9 @@ class RunLocks:
         return holders[0] if holders else None
 
     def remove(self, jobnumber):
+        """Remove the job's own lock file, if it had one."""
         try:
-            os.remove(self.path(jobnumber))
+            os.remove(self._job_path(jobnumber))
         except OSError:
             pass
 
@@ -433,14 +464,15 @@ class Launcher:
         self._stopping = False
         self._deadlines = Deadlines()
         os.makedirs(settings.outputdir, exist_ok=True)
-        self._locks = RunLocks(settings.lockdir) if RunLocks.available() else None
+        self._locks = RunLocks(settings.lockdir, settings.nr_threads) if RunLocks.available() else None
         # Where file descriptors cannot be passed, a capture process runs beside each job.
         self._keeper = OutputKeeper(settings.output_limit, logger) if OutputKeeper.available() else None
 
     # ---- life cycle
     def start(self):
         for number in range(self.settings.nr_threads):
-            thread = threading.Thread(target=self._run_loop, name='runner-%d' % (number + 1), daemon=True)
+            thread = threading.Thread(target=self._run_loop, args=(number + 1,), name='runner-%d' % (number + 1),
+                                      daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -479,19 +511,17 @@ class Launcher:
             return list(self.running.values())
 
     def _forget(self, jobnumber):
-        """The job no longer runs: out of ``running``, its lock file gone."""
+        """The job no longer runs: out of ``running`` (its lock file goes with its output)."""
         with self._idle:
             del self.running[jobnumber]
             self._idle.notify_all()
-        if self._locks is not None:
-            self._locks.remove(jobnumber)
 
     def status(self):
         with self._lock:
             return [running.as_dict() for running in self.running.values()]
 
     # ---- one runner
-    def _run_loop(self):
+    def _run_loop(self, runner):
         """Take a job, start it, then do the bookkeeping of the previous one, wait for the end.
 
         Between two jobs only what the next start needs happens: the store marks the next job
@@ -502,9 +532,12 @@ class Launcher:
         ended = []          # Ended jobs whose log line or output is still to come
         done = None         # number of the job that just ended, still in the store
         trouble = StoreTrouble(self.logger, self.reporter)
+        lock = None         # the runner's lock file, taken before the job is (see RunLocks)
         while True:
+            if lock is None and self._locks is not None:
+                lock = self._locks.take_runner(runner)
             try:
-                job = self.queue.take(block=not ended, done=done)
+                job = self.queue.take(block=not ended, done=done, runner=runner)
             except (sqlite3.Error, OSError) as exc:
                 trouble.failed(exc)       # waits a while; the job is still first in the queue
                 continue
@@ -512,12 +545,15 @@ class Launcher:
             done = None
             if job is None:
                 if not ended:
+                    if lock is not None:
+                        os.close(lock)
                     return                         # the queue is closed
                 self._log_ends(ended)
                 self._collect_outputs(ended, wait=True)
                 continue
             try:
-                started = self._start(job)
+                held, lock = lock, None            # the job's now (closed by _start in any case)
+                started = self._start(job, held)
                 self._log_ends(ended)
                 if started:
                     self.logger.info('Starting job %s: %s', job.jobnumber, job.task)
@@ -530,24 +566,25 @@ class Launcher:
             except Exception:        # a bug here must not stop the queue; it is logged in full
                 self.logger.exception('Unexpected error while running job %s', job.jobnumber)
 
-    def _start(self, job):
+    def _start(self, job, lock):
         """Start a job and its capture process; ``(process, relay, running)``, or None."""
         settings = self.settings
         executable = self.authorizer.executable(job.task, cached=True)
         output = os.path.join(settings.outputdir, '%d.out' % job.jobnumber)
         started = time.time()
         if executable is None:
+            if lock is not None:
+                os.close(lock)
             self._cannot_start(job, started, 'not an authorized program (any more): %s' % job.task[0])
             return None
         read_end, write_end = os.pipe()
-        lock = None
         try:
             if self._keeper is not None:
                 # The keeper reads the pipe before the job can write to it: should the server die
                 # at any instant from here on, the job never meets a pipe without a reader.
                 relay, relay_pid = self._keeper.keep(read_end, output), self._keeper.process.pid
-            if self._locks is not None:
-                lock = self._locks.take(job.jobnumber)
+            if lock is None and self._locks is not None:
+                lock = self._locks.take_job(job.jobnumber)
             try:
                 process = subprocess.Popen(list(job.task), executable=executable, stdin=subprocess.DEVNULL,
                                            stdout=write_end, stderr=write_end, close_fds=True,
@@ -599,7 +636,7 @@ class Launcher:
     def still_runs(self, stored):
         """True when a job stored as running (before a restart) still runs."""
         if self._locks is not None:
-            runs = self._locks.runs(stored.jobnumber)
+            runs = self._locks.runs(stored)
             if runs is not None:
                 return runs
         # No lock file: the server died before it forked the job, or the job is older than locks.
@@ -612,7 +649,7 @@ class Launcher:
         pid = stored.pid
         if not pid and self._locks is not None:
             # The server died before it stored the pid: the job is the process holding its lock.
-            pid = self._locks.holder(stored.jobnumber)
+            pid = self._locks.holder(stored)
             if pid:
                 self.store.set_process(stored.jobnumber, pid, process_start_time(pid), None, stored.output)
         job = Job(stored.jobnumber, stored.priority, canonical_task(stored.task), stored.requeued, stored.locked)
@@ -633,8 +670,8 @@ class Launcher:
         try:
             self.logger.warning('Job %s (pid %s) still runs from before the restart; no job starts until it ends.',
                                 job.jobnumber, running.pid or 'unknown')
-            if self._locks is not None and self._locks.runs(job.jobnumber) is not None:
-                self._locks.wait(job.jobnumber)
+            if self._locks is not None and self._locks.runs(stored) is not None:
+                self._locks.wait(stored)
             else:
                 wait_for_pid(running.pid, stored.pid_start)
             for timer in running.timers:
@@ -762,6 +799,8 @@ class Launcher:
                 os.remove(end.output_file)
             except OSError:
                 pass
+        if self._locks is not None:
+            self._locks.remove(job.jobnumber)
 
 
 def _capture_done(relay):

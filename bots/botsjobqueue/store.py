@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS job (
     pid         INTEGER,
     pid_start   TEXT,                              -- start time of pid, against pid reuse
     relay_pid   INTEGER,
-    output      TEXT                               -- file the job's output is captured in
+    output      TEXT,                              -- file the job's output is captured in
+    runner      INTEGER                            -- runner that started it (its lock file)
 );
 CREATE TABLE IF NOT EXISTS history (
     jobnumber   INTEGER PRIMARY KEY,
@@ -42,7 +43,7 @@ CREATE TABLE IF NOT EXISTS history (
 
 
 COLUMNS = ('jobnumber', 'priority', 'task', 'state', 'not_before', 'requeued', 'locked',
-           'started', 'pid', 'pid_start', 'relay_pid', 'output')
+           'started', 'pid', 'pid_start', 'relay_pid', 'output', 'runner')
 HISTORY_COLUMNS = ('jobnumber', 'priority', 'task', 'started', 'ended', 'exitcode', 'status', 'output')
 StoredJob = collections.namedtuple('StoredJob', COLUMNS)
 StoredJob.__doc__ = 'A job as it comes back from the database at start-up (its task decoded).'
@@ -97,6 +98,8 @@ class Store:
             self._db.execute('PRAGMA journal_mode=WAL')
             self._db.execute('PRAGMA synchronous=NORMAL')
             self._db.executescript(SCHEMA)
+            if 'runner' not in [row[1] for row in self._db.execute('PRAGMA table_info(job)')]:
+                self._db.execute('ALTER TABLE job ADD COLUMN runner INTEGER')     # a store of an older version
         except sqlite3.DatabaseError as exc:
             raise DamagedStore(_damaged(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
 
@@ -120,8 +123,7 @@ class Store:
                 # One JSON document for a thousand tasks: far fewer calls than one per task.
                 tasks = json.loads('[%s]' % ','.join([row[2] for row in rows]))
                 for row, task in zip(rows, tasks):
-                    yield StoredJob(row[0], row[1], task, row[3], row[4], row[5], row[6], row[7], row[8],
-                                    row[9], row[10], row[11])
+                    yield StoredJob(row[0], row[1], task, *row[3:])
 
     # ---- waiting jobs
     def add(self, priority, task):
@@ -147,16 +149,16 @@ class Store:
                   (state, not_before, requeued, locked, jobnumber))
 
     # ---- running jobs
-    def set_running(self, jobnumber, done=None):
-        """Mark a job running; remove job ``done`` (ended) in the same transaction."""
+    def set_running(self, jobnumber, done=None, runner=None):
+        """Mark a job running (by ``runner``); remove job ``done`` (ended) in the same transaction."""
         with self._lock:
             if done is not None:
                 self._db.execute('BEGIN')
             try:
                 if done is not None:
                     self._db.execute('DELETE FROM job WHERE jobnumber = ?', (done,))
-                self._db.execute("UPDATE job SET state = 'running', started = ? WHERE jobnumber = ?",
-                                 (time.time(), jobnumber))
+                self._db.execute("UPDATE job SET state = 'running', started = ?, runner = ? WHERE jobnumber = ?",
+                                 (time.time(), runner, jobnumber))
                 if done is not None:
                     self._db.execute('COMMIT')
             except BaseException:
