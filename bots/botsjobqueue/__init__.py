@@ -1,20 +1,24 @@
 """Job queue for the Bots EDI translator: one engine run at a time, none lost.
 
-Where things happen:
+The three programs are the modules Bots has under the same names, so that
+installed into Bots' own Python they replace exactly those:
+``bots.jobqueueserver`` (the server: wires the parts, signals, shutdown),
+``bots.job2queue`` (the client program and ``send_job_to_jobqueue()``) and
+``bots.dirmonitor`` (file events become engine jobs).  Everything else lives
+in this package, under names Bots does not use:
 
 - ``jobqueue``        the queue of waiting jobs (priority heap + duplicate index)
 - ``store``           where waiting, running and finished jobs are kept (SQLite)
-- ``launcher``        runners that start jobs and watch them
+- ``launcher``        runners that start jobs and watch them; lock files; the output keeper
 - ``rpc``             the XML-RPC front of the server
-- ``jobqueueserver``  the server program: wires the parts, signals, shutdown
-- ``capture``         keeps the end of a job's output where there is no ``tail``
+- ``capture``         the output keeper process: keeps the end of each job's output
 - ``report``          error reports by e-mail
-- ``job2queue``       the client program and ``send_job_to_jobqueue()``
 - ``rpcclient``       calls to the server, with a timeout
 - ``jobqueuetool``    ``bots-jobqueue``, the operator's view
-- ``dirmonitor``      file events become engine jobs
 - ``authorize``       which tasks the server agrees to run
-- ``config``          ``-c<directory>`` and bots.ini; ``botslog`` logging
+- ``signals``         signals, caught in one place for each program
+- ``configuration``   ``-c<directory>``, bots.ini and where Bots is; ``botslog`` logging
+- ``config/``         the bundled configuration (bots.ini, settings.py)
 """
 
 __version__ = '3.3.1'
