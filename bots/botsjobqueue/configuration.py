@@ -18,6 +18,7 @@ lead depends on where the package is installed:
   this package (``bots/botsjobqueue/config``) is used.
 """
 import configparser
+import functools
 import os
 import sys
 
@@ -155,7 +156,6 @@ class Environment:
         self.botssys = botssys
         self.bots_dir = bots_dir            # package directory of the Bots this configuration is of
         self.inside_bots = inside_bots      # installed into that Bots' own Python
-        self._bots_scripts = None
 
     @property
     def logdir(self):
@@ -166,15 +166,13 @@ class Environment:
             raise ConfigError('Error: bots jobqueue cannot start; not enabled in %s'
                               % os.path.join(self.configdir, 'bots.ini'))
 
-    # [settings] shared by server, client and directory monitor
-    @property
+    # [settings] shared by server, client and directory monitor; each looked for once
+    @functools.cached_property
     def bots_scripts(self):
         """The scripts directory of the Bots installation served, or None."""
-        if self._bots_scripts is None and self.bots_dir:
-            self._bots_scripts = bots_scripts_dir(self.bots_dir) or ''
-        return self._bots_scripts or None
+        return bots_scripts_dir(self.bots_dir) if self.bots_dir else None
 
-    @property
+    @functools.cached_property
     def python_executable_path(self):
         """The configured Python; by default the running one, or - beside Bots - Bots' own."""
         configured = self.ini.get('settings', 'python_executable_path', '')
@@ -186,7 +184,7 @@ class Environment:
                 return found
         return sys.executable
 
-    @property
+    @functools.cached_property
     def engine_dirs(self):
         """Where Bots' own programs are: the scripts directory of the configured Python, and of
         the Bots installation served."""
@@ -195,7 +193,7 @@ class Environment:
             dirs.append(self.bots_scripts)
         return dirs
 
-    @property
+    @functools.cached_property
     def botsengine_path(self):
         """The configured engine; by default ``bots-engine`` or ``bots-engine.py``, whichever is
         installed beside the configured Python, beside this program or on the PATH."""

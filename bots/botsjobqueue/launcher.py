@@ -180,8 +180,9 @@ class RunLocks:
             raise OSError('the lock file of job %d is held by another process' % jobnumber)
         return fd
 
-    def _take(self, path):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    def _take(self, path, create=True):
+        """``path`` opened and locked; None when another process holds its lock."""
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
         try:
             self._fcntl.flock(fd, self._fcntl.LOCK_EX | self._fcntl.LOCK_NB)
         except BlockingIOError:
@@ -199,19 +200,16 @@ class RunLocks:
     def runs(self, stored):
         """True while a process holds the job's lock, False when none does; None without a lock file."""
         path = self._path(stored)
-        try:
-            fd = os.open(path, os.O_RDWR) if path else None
-        except FileNotFoundError:
-            fd = None
-        if fd is None:
+        if path is None:
             return None
         try:
-            self._fcntl.flock(fd, self._fcntl.LOCK_EX | self._fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
+            fd = self._take(path, create=False)
+        except FileNotFoundError:
+            return None
+        if fd is None:
             return True
-        finally:
-            os.close(fd)
+        os.close(fd)
+        return False
 
     def wait(self, stored):
         """Block until no process holds the job's lock."""
@@ -510,6 +508,9 @@ class Launcher:
                 self._idle.wait(deadline - time.monotonic())
             return list(self.running.values())
 
+    def _output_path(self, jobnumber):
+        return os.path.join(self.settings.outputdir, '%d.out' % jobnumber)
+
     def _forget(self, jobnumber):
         """The job no longer runs: out of ``running`` (its lock file goes with its output)."""
         with self._idle:
@@ -570,7 +571,7 @@ class Launcher:
         """Start a job and its capture process; ``(process, relay, running)``, or None."""
         settings = self.settings
         executable = self.authorizer.executable(job.task, cached=True)
-        output = os.path.join(settings.outputdir, '%d.out' % job.jobnumber)
+        output = self._output_path(job.jobnumber)
         started = time.time()
         if executable is None:
             if lock is not None:
@@ -653,7 +654,7 @@ class Launcher:
             if pid:
                 self.store.set_process(stored.jobnumber, pid, process_start_time(pid), None, stored.output)
         job = Job(stored.jobnumber, stored.priority, canonical_task(stored.task), stored.requeued, stored.locked)
-        output = stored.output or os.path.join(self.settings.outputdir, '%d.out' % stored.jobnumber)
+        output = stored.output or self._output_path(stored.jobnumber)
         running = RunningJob(job, pid, stored.started or time.time(), output)
         with self._lock:
             self.running[job.jobnumber] = running
