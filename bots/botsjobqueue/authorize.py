@@ -17,6 +17,13 @@ the server that runs beside Bots need not have Bots on its PATH.  The same
 search decides what is authorized and what is started.  Programs are
 compared as files (real paths), never by name alone, so a file called
 ``bots-engine.py`` in some other directory is not the engine.
+
+What is started is what the configuration names, not what the task names:
+the configured path of the allowed interpreter (a link to it elsewhere could
+bring its own ``pyvenv.cfg``) and of the allowed script or program (a link
+could be pointed elsewhere between check and start), checked again at the
+start.  An interpreter option (``-c``, ``-m``, ...) is never taken for a
+script.
 """
 import os
 import re
@@ -32,15 +39,20 @@ def _real(path):
 
 
 def resolve_program(name, search_dirs=()):
-    """The real path of the program ``name`` as the server would start it, or None.
+    """``(path, real_path)`` of the program ``name`` as the server would find it, or None.
 
-    A bare name is looked for on the PATH, then in ``search_dirs``."""
+    ``path`` is where it was found (absolute, links not followed), ``real_path`` the file
+    itself.  A bare name is looked for on the PATH, then in ``search_dirs``."""
     if not name:
         return None
     if os.sep in name or (os.altsep and os.altsep in name):
-        return _real(name) if os.path.isfile(name) else None
-    found = shutil.which(name) or find_program(name, search_dirs)
-    return _real(found) if found else None
+        found = name if os.path.isfile(name) else None
+    else:
+        found = shutil.which(name) or find_program(name, search_dirs)
+    if not found:
+        return None
+    found = os.path.abspath(found)
+    return found, _real(found)
 
 
 def split_authorized_tasks(value):
@@ -59,8 +71,9 @@ def split_authorized_tasks(value):
 
 
 class ResolveCache:
-    """``resolve_program`` with answers kept a few seconds: adds and launches come in bursts
-    with the same programs, and resolving a path costs a system call per component."""
+    """``resolve_program`` with answers kept a few seconds, for the check when a job is queued:
+    adds come in bursts with the same programs, and resolving a path costs a system call per
+    component.  A launch never uses it (see ``Authorizer.command``)."""
 
     def __init__(self, search_dirs, seconds=2.0, size=4096):
         self.search_dirs = search_dirs
@@ -81,23 +94,36 @@ class ResolveCache:
 
 
 class Authorizer:
-    """Decides whether a task may run.  Built once from the configuration."""
+    """Decides whether a task may run, and what exactly is started for it.
+
+    Built once from the configuration.  Programs are compared by their real files; what is
+    started is never the path the task names but the path the configuration names for that
+    file (``command``): a link the task points at can be changed after the check, and an
+    interpreter started through a link of someone else's reads that one's ``pyvenv.cfg``.
+    """
 
     def __init__(self, python_executable_path, botsengine_path, authorized_tasks, interpreter, search_dirs=()):
         self.search_dirs = list(search_dirs)
         self._cached = ResolveCache(self.search_dirs)
         self.allow_all = authorized_tasks.strip() == '*'
         self.problems = []         # one line per configured program that cannot be found
-        self.interpreters = {p for p in (self._configured(python_executable_path, '[settings] python_executable_path'),
-                                         resolve_program(interpreter)) if p}
-        self.engines = {p for p in [self._configured(botsengine_path, '[settings] botsengine_path')]
-                        + [self._resolve(name) for name in ENGINE_NAMES] if p}
-        self.programs = set(self.engines)
+        self.interpreters = {}     # real file -> the configured path that is started for it
+        for found in (self._configured(python_executable_path, '[settings] python_executable_path'),
+                      resolve_program(interpreter)):
+            if found:
+                self.interpreters.setdefault(found[1], found[0])
+        self.interpreter_paths = set(self.interpreters.values())
+        self.programs = {}         # real file -> the configured path that is started for it
+        for found in [self._configured(botsengine_path, '[settings] botsengine_path')] + \
+                [self._resolve(name) for name in ENGINE_NAMES]:
+            if found:
+                self.programs.setdefault(found[1], found[0])
+        self.engines = set(self.programs)
         for entry in split_authorized_tasks(authorized_tasks):
             if entry != '*':
                 found = self._configured(entry, '[jobqueue] authorized_tasks')
                 if found:
-                    self.programs.add(found)
+                    self.programs.setdefault(found[1], found[0])
 
     @classmethod
     def for_environment(cls, environment):
@@ -117,34 +143,43 @@ class Authorizer:
                                     % os.pathsep.join(self.search_dirs)))
         return found
 
-    def executable(self, task, cached=False):
-        """The file to execute for ``task`` when the task is allowed; else None.
+    def command(self, task):
+        """The command line to start for ``task``, checked now; None when it is not allowed.
 
-        ``cached``: a path resolved up to two seconds ago may answer.  Replacing a program in
-        that time needs write access where the allowed programs are, which is as good as
-        replacing the engine itself, so the cache opens no new door.
-        """
-        return self._check(task, self._cached if cached else self._resolve)
+        The program (and an interpreter's script) is the configured path of the allowed file,
+        resolved at this moment; the other arguments are the task's."""
+        return self._check(task, self._resolve)
 
     def allows(self, task):
-        """True when ``task`` may be queued."""
-        return self.executable(task, cached=True) is not None
+        """True when ``task`` may be queued (the check is made again when it starts)."""
+        return self._check(task, self._cached) is not None
 
     def _check(self, task, resolve):
-        program = resolve(task[0])
+        found = resolve(task[0])
         if self.allow_all:
-            return program or task[0]
-        if program in self.programs:
-            return program
-        if program in self.interpreters and len(task) > 1:
+            return [found[0] if found else task[0]] + list(task[1:])
+        if found is None:
+            return None
+        if found[1] in self.programs:
+            return [self.programs[found[1]]] + list(task[1:])
+        if found[1] in self.interpreters and len(task) > 1:
+            script = task[1]
+            if script.startswith('-'):
+                return None          # an option (-c, -m, ...), never a script
             # The interpreter opens its script relative to the working directory, not the PATH,
             # so a bare name here is a file in the working directory: give it a path.
-            script = task[1] if os.sep in task[1] else os.path.join('.', task[1])
-            if resolve(script) in self.programs:
-                return program
+            script = resolve(script if os.sep in script else os.path.join('.', script))
+            if script is not None and script[1] in self.programs:
+                interpreter = found[0] if found[0] in self.interpreter_paths else self.interpreters[found[1]]
+                return [interpreter, self.programs[script[1]]] + list(task[2:])
         return None
 
     def is_engine(self, task):
         """True when ``task`` runs bots-engine, directly or as the script of an interpreter."""
-        return any(os.path.basename(arg) in ENGINE_NAMES or self._resolve(arg) in self.engines
-                   for arg in task[:2])
+        for arg in task[:2]:
+            if os.path.basename(arg) in ENGINE_NAMES:
+                return True
+            found = self._resolve(arg)
+            if found and found[1] in self.engines:
+                return True
+        return False

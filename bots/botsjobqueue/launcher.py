@@ -570,13 +570,14 @@ class Launcher:
     def _start(self, job, lock):
         """Start a job and its capture process; ``(process, relay, running)``, or None."""
         settings = self.settings
-        executable = self.authorizer.executable(job.task, cached=True)
+        command = self.authorizer.command(job.task)
         output = self._output_path(job.jobnumber)
         started = time.time()
-        if executable is None:
+        if command is None:
             if lock is not None:
                 os.close(lock)
-            self._cannot_start(job, started, 'not an authorized program (any more): %s' % job.task[0])
+            self._cannot_start(job, started, 'not an authorized task any more (checked again at its start): %s'
+                               % ' '.join(job.task[:2]))
             return None
         read_end, write_end = os.pipe()
         try:
@@ -587,7 +588,7 @@ class Launcher:
             if lock is None and self._locks is not None:
                 lock = self._locks.take_job(job.jobnumber)
             try:
-                process = subprocess.Popen(list(job.task), executable=executable, stdin=subprocess.DEVNULL,
+                process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                            stdout=write_end, stderr=write_end, close_fds=True,
                                            pass_fds=() if lock is None else (lock,), start_new_session=True)
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
