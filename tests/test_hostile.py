@@ -212,3 +212,41 @@ def test_keep_alive_serves_many_calls_on_one_connection(server):
         response = connection.getresponse()
         assert response.status == 200 and b'<int>0</int>' in response.read()
     connection.close()
+
+
+def test_tasks_are_bounded_in_arguments_and_bytes(environment):
+    """A task of 20,000 empty arguments passes any character count: the count of arguments
+    bounds it; multi-byte characters count as the bytes they take."""
+    environment.write_ini(jobqueue='authorized_tasks = *\nmax_task_args = 256\nmax_task_size = 65536')
+    environment.start_server()
+    proxy = environment.proxy()
+    with pytest.raises(xmlrpc.client.Fault, match='20000 arguments; at most 256'):
+        proxy.addjob(['true'] + [''] * 19999, 5)
+    with pytest.raises(xmlrpc.client.Fault, match='longer than 65536 bytes'):
+        proxy.addjob(['true', '\u20ac' * 30000], 5)         # 30,000 characters, 90,000 bytes
+    assert proxy.listjobs() == []
+    assert proxy.addjob(['true'] + ['a'] * 254, 5) == 0      # 255 arguments pass
+    still_serves(environment)
+
+
+def test_long_tasks_in_a_long_queue_keep_every_answer_readable(environment):
+    """300 waiting jobs of 60 KB each: status, listjobs and bots-jobqueue stay readable; the
+    whole queue is read page by page, every job once."""
+    environment.write_ini(jobqueue='authorized_tasks = *\nnr_threads = 1')
+    environment.start_server()
+    proxy = environment.proxy()
+    assert proxy.addjob(environment.engine('gate', '--sleep=60'), 1) == 0
+    wait_until(lambda: environment.runs('start'), message='the gate job to start')
+    for number in range(300):
+        assert proxy.addjob(['true', str(number), 'x' * 60000], 5) == 0
+    status = proxy.status(1000)
+    assert status['waiting_count'] == 300 and 0 < len(status['waiting']) < 300
+    first = proxy.listjobs()
+    assert 0 < len(first) < 300
+    result = environment.run('bots-jobqueue', '-c' + environment.configdir, '--json', '--all', 'status')
+    assert result.returncode == 0, result.stderr
+    import json
+    waiting = json.loads(result.stdout)['waiting']
+    assert [job[2][1] for job in waiting] == [str(number) for number in range(300)]
+    result = environment.run('bots-jobqueue', '-c' + environment.configdir, 'status')
+    assert result.returncode == 0 and 'and %d more' % (300 - len(status['waiting'])) in result.stdout

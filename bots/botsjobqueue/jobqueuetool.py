@@ -127,9 +127,21 @@ def start():
         sys.exit(_fail('Error: cannot contact the jobqueue-server on port %s (%s)' % (environment.port, exc)))
 
 
+def all_waiting(client):
+    """Every waiting job, read page by page (one answer of the server is bounded)."""
+    jobs = []
+    while True:
+        page = client.call('listjobs', len(jobs))
+        if not page:
+            return jobs
+        jobs.extend(page)
+
+
 def run(client, command, numbers, as_json, name, show_all=False):
     if command == 'status' and not numbers:
-        answer = client.call('status', 10 ** 9 if show_all else 100)
+        answer = client.call('status', 100)
+        if show_all:
+            answer['waiting'] = all_waiting(client)
         print(json.dumps(answer, indent=2)) if as_json else print_status(answer)
         return 0
     if command == 'history' and len(numbers) <= 1:

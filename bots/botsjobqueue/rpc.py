@@ -31,14 +31,28 @@ class RPCSettings:
         self.request_timeout = ini.getfloat('jobqueue', 'request_timeout', 10)
         self.max_request_size = ini.getint('jobqueue', 'max_request_size', 1048576)
         self.max_task_size = ini.getint('jobqueue', 'max_task_size', 65536)
+        self.max_task_args = ini.getint('jobqueue', 'max_task_args', 256)
 
 
-def check_task(task, max_size):
-    """Refuse (with a Fault) anything but a list of strings of bounded size."""
+# What one answer of listjobs, status or history carries at most, counted as the bytes of its
+# tasks and outputs: escaped as XML that stays well below what the clients read (16 MB).
+ANSWER_BUDGET = 2 * 1024 * 1024
+
+
+def task_size(task):
+    """The bytes a task takes as a command line: its arguments in UTF-8, each with its end."""
+    return sum(len(arg.encode('utf-8', 'surrogatepass')) + 1 for arg in task)
+
+
+def check_task(task, max_size, max_args):
+    """Refuse (with a Fault) anything but a list of strings of bounded count and size."""
     if not isinstance(task, list) or not all(isinstance(arg, str) for arg in task):
         raise xmlrpc.client.Fault(1, 'task should be a list of strings (the program and its arguments)')
-    if sum(len(arg) for arg in task) > max_size:
-        raise xmlrpc.client.Fault(1, 'task is longer than %d characters' % max_size)
+    if len(task) > max_args:
+        raise xmlrpc.client.Fault(1, 'task has %d arguments; at most %d are accepted ([jobqueue] max_task_args)'
+                                  % (len(task), max_args))
+    if task_size(task) > max_size:
+        raise xmlrpc.client.Fault(1, 'task is longer than %d bytes ([jobqueue] max_task_size)' % max_size)
     if any('\0' in arg for arg in task):
         raise xmlrpc.client.Fault(1, 'task arguments cannot contain NUL characters')
 
@@ -64,7 +78,7 @@ class JobQueueService:
     # ---- Bots
     def addjob(self, task, priority=5):
         """Queue ``task`` (argv list) at ``priority`` 1..9.  0 added, 2 no task, 3 not authorized, 4 duplicate."""
-        check_task(task, self._settings.max_task_size)
+        check_task(task, self._settings.max_task_size, self._settings.max_task_args)
         check_priority(priority)
         if not task:
             self._logger.info('No task to add.')
@@ -81,9 +95,15 @@ class JobQueueService:
             self._logger.info('Added job %s, priority %s: %s', jobnumber, priority, task)
         return code
 
-    def listjobs(self):
-        """The waiting jobs in launch order, each ``[priority, jobnumber, task]``."""
-        return [job.as_list() for job in self._queue.waiting()]
+    def listjobs(self, offset=0):
+        """The waiting jobs in launch order, each ``[priority, jobnumber, task]``.
+
+        One answer is bounded (``ANSWER_BUDGET``); a longer queue is read in pages: the next
+        page starts at ``offset`` = the number of jobs read so far."""
+        if type(offset) is not int or offset < 0:
+            raise xmlrpc.client.Fault(1, 'offset should be a whole number, 0 or more')
+        jobs = self._queue.waiting()[offset:]
+        return [job.as_list() for job in bounded(jobs, lambda job: task_size(job.task))]
 
     def clearjobq(self):
         """Remove every waiting job (running ones go on).  Returns 0."""
@@ -93,17 +113,24 @@ class JobQueueService:
 
     # ---- operators
     def status(self, limit=100):
-        """``{'running': [...], 'waiting': [first `limit` of listjobs()], 'waiting_count': n}``."""
+        """``{'running': [...], 'waiting': [first `limit` of listjobs()], 'waiting_count': n}``;
+        fewer waiting jobs than ``limit`` when their tasks would make the answer too large."""
         if type(limit) is not int or limit < 0:
             raise xmlrpc.client.Fault(1, 'limit should be a whole number, 0 or more')
-        return {'running': self._launcher.status(), 'waiting_count': len(self._queue),
-                'waiting': [job.as_list() for job in self._queue.first(limit)]}
+        running = self._launcher.status()
+        budget = ANSWER_BUDGET - sum(task_size(job['task']) for job in running)
+        return {'running': running, 'waiting_count': len(self._queue),
+                'waiting': [job.as_list() for job in bounded(self._queue.first(limit),
+                                                             lambda job: task_size(job.task), budget)]}
 
     def history(self, limit=20):
-        """The newest finished jobs, newest first."""
+        """The newest finished jobs, newest first (fewer when their outputs would make the
+        answer too large; ``showjob`` gives each one whole)."""
         if type(limit) is not int or limit < 1:
             raise xmlrpc.client.Fault(1, 'limit should be a positive whole number')
-        return [_xmlrpc_safe(record) for record in self._store.history(min(limit, 10000))]
+        records = self._store.history(min(limit, 10000))
+        return [_xmlrpc_safe(record) for record in bounded(
+            records, lambda record: task_size(record['task']) + len(record.get('output') or ''))]
 
     def showjob(self, jobnumber):
         """One job, waiting, running or finished, as a dict with its ``state``; {} when unknown."""
@@ -127,6 +154,17 @@ class JobQueueService:
             return 1
         self._logger.log(25, 'Removed waiting job %s: %s', jobnumber, list(job.task))
         return 0
+
+
+def bounded(items, size, budget=ANSWER_BUDGET):
+    """The first of ``items`` whose sizes add up to at most ``budget`` (the first one always)."""
+    chosen = []
+    for item in items:
+        budget -= size(item)
+        if budget < 0 and chosen:
+            break
+        chosen.append(item)
+    return chosen
 
 
 def _xmlrpc_safe(record):
