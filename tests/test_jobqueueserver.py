@@ -270,7 +270,31 @@ def test_output_of_a_job_is_bounded(environment):
     wait_until(lambda: 'Output of job 1' in environment.log(), message='the chatty job to end')
     log = environment.log()
     assert 'fake engine done' in log                 # the end of the output is kept
+    assert 'fake engine started: chatty' in log      # and its start
     assert len(log) < 30000
+    output = environment.proxy().showjob(1)['output']
+    total = len('fake engine started: chatty --print=5000000\n') + 5000000 + len('fake engine done\n')
+    marker = '\n[... %d bytes of output left out ...]\n' % (total - 10000)
+    assert marker in output and len(output) == 10000 + len(marker)
+    head, tail = output.split(marker)
+    assert len(head) == len(tail) == 5000
+
+
+def test_output_that_cannot_be_kept_is_said(environment):
+    """The output directory becomes unusable while the server runs: the job runs, and the log
+    and the history say that its output could not be kept."""
+    environment.start_server()
+    outputdir = os.path.join(environment.botssys, 'jobqueue', 'output')
+    wait_until(lambda: os.path.isdir(outputdir), message='the output directory')
+    os.rmdir(outputdir)
+    with open(outputdir, 'w'):
+        pass                       # a file where the directory was: no output file can be written
+    environment.proxy().addjob(environment.engine('unkept'), 5)
+    wait_until(lambda: 'could not be kept' in environment.log(), message='the lost output to be said')
+    assert 'WARNING  : The output of job 1 could not be kept: [Errno 20] Not a directory' in environment.log()
+    wait_until(lambda: environment.proxy().showjob(1).get('state') == 'finished', message='the history')
+    assert environment.proxy().showjob(1)['output'].startswith('[the output could not be kept: ')
+    assert environment.runs()[0]['argv'] == ['unkept']
 
 
 def test_job_that_cannot_start_is_logged_and_the_queue_goes_on(environment, tmp_path):

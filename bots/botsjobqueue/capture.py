@@ -1,10 +1,12 @@
-"""Keeps the last bytes of each job's output, in a process of its own.
+"""Keeps each job's output, bounded, in a process of its own.
 
 The server starts one keeper and hands it the reading end of each job's
 output pipe over a socket (SCM_RIGHTS), with the file the output belongs in.
-The keeper holds at most ``limit`` bytes per job - the end of its output -
+The keeper holds at most ``limit`` bytes per job - half from the start of its
+output, half from its end, with a line saying how much was left out between -
 and writes them to the file when the job (and every child holding its
-output) has closed the pipe; then it says so on the socket.  Because the
+output) has closed the pipe; then it says so on the socket (``!`` and the
+reason first, when the file could not be written).  Because the
 keeper, not the server, reads the pipes, and lives in a session of its own, a
 job whose server is killed neither gets a broken pipe nor blocks: the keeper
 drains what is left and ends when the server is gone and no pipe is open.
@@ -22,10 +24,31 @@ import sys
 CHUNK = 65536
 
 
-def keep_tail(tail, chunk, limit):
-    tail += chunk
-    if len(tail) > limit:
-        del tail[:len(tail) - limit]
+class Kept:
+    """The start and the end of an output, ``limit`` bytes in all."""
+
+    def __init__(self, limit):
+        self.head_limit = limit // 2
+        self.tail_limit = limit - self.head_limit
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def add(self, chunk):
+        self.total += len(chunk)
+        room = self.head_limit - len(self.head)
+        if room > 0:
+            self.head += chunk[:room]
+            chunk = chunk[room:]
+        self.tail += chunk
+        if len(self.tail) > self.tail_limit:
+            del self.tail[:len(self.tail) - self.tail_limit]
+
+    def value(self):
+        left_out = self.total - len(self.head) - len(self.tail)
+        if left_out <= 0:
+            return bytes(self.head + self.tail)
+        return bytes(self.head) + (b'\n[... %d bytes of output left out ...]\n' % left_out) + bytes(self.tail)
 
 
 def write_file(path, data):
@@ -40,7 +63,7 @@ def serve(control, limit):
     """Keep the outputs handed over on ``control`` until it is closed and every pipe has ended."""
     selector = selectors.DefaultSelector()
     selector.register(control, selectors.EVENT_READ, None)
-    pipes = {}                      # fd -> (path, bytearray with the end of the output)
+    pipes = {}                      # fd -> (path, Kept)
     control_open = True
     while control_open or pipes:
         for key, _ in selector.select():
@@ -53,40 +76,41 @@ def serve(control, limit):
                     selector.unregister(control)
                     control_open = False
                     continue
-                pipes[fds[0]] = (message.decode('utf-8', 'surrogateescape'), bytearray())
+                pipes[fds[0]] = (message.decode('utf-8', 'surrogateescape'), Kept(limit))
                 selector.register(fds[0], selectors.EVENT_READ, True)
                 continue
-            path, tail = pipes[key.fd]
+            path, kept = pipes[key.fd]
             try:
                 chunk = os.read(key.fd, CHUNK)
             except OSError:
                 chunk = b''
             if chunk:
-                keep_tail(tail, chunk, limit)
+                kept.add(chunk)
                 continue
             selector.unregister(key.fd)
             os.close(key.fd)
             del pipes[key.fd]
+            answer = path.encode('utf-8', 'surrogateescape')
             try:
-                write_file(path, tail)
-            except OSError:
-                pass
+                write_file(path, kept.value())
+            except OSError as exc:
+                answer = b'!%s\0%s' % (str(exc).encode('utf-8', 'replace')[:1000], answer)
             if control_open:
                 try:
-                    control.send(path.encode('utf-8', 'surrogateescape'))
+                    control.send(answer)
                 except OSError:
                     pass
 
 
 def relay(source_fd, target_fd, limit):
-    """One job's output from ``source_fd``: its last ``limit`` bytes to ``target_fd``."""
-    tail = bytearray()
+    """One job's output from ``source_fd``, bounded as in ``Kept``, to ``target_fd``."""
+    kept = Kept(limit)
     while True:
         chunk = os.read(source_fd, CHUNK)
         if not chunk:
             break
-        keep_tail(tail, chunk, limit)
-    view = memoryview(tail)
+        kept.add(chunk)
+    view = memoryview(kept.value())
     while view:
         view = view[os.write(target_fd, view):]
 

@@ -400,9 +400,14 @@ class OutputKeeper:
                     if sock is self._socket and not self._closing:
                         self._replace()
                 return
+            error = None
+            if message.startswith(b'!'):           # the file could not be written: why, then which
+                error, _, message = message[1:].partition(b'\0')
+                error = error.decode('utf-8', 'replace')
             with self._lock:
                 done = self._done.pop(message.decode('utf-8', 'surrogateescape'), None)
             if done is not None:
+                done.error = error
                 done.set()
 
     def close(self):
@@ -603,10 +608,18 @@ class Launcher:
             os.close(write_end)
             write_end = None
             if self._keeper is None:
-                with open(output, 'wb') as output_file:
+                try:
+                    output_file = open(output, 'wb')
+                except OSError as exc:
+                    self.logger.warning('The output of job %s cannot be kept: %s', job.jobnumber, exc)
+                    output_file = subprocess.DEVNULL
+                try:
                     relay = subprocess.Popen([sys.executable, '-I', '-S', CAPTURE_SCRIPT, str(settings.output_limit)],
                                              stdin=read_end, stdout=output_file, stderr=subprocess.DEVNULL,
                                              close_fds=True, start_new_session=True)
+                finally:
+                    if output_file is not subprocess.DEVNULL:
+                        output_file.close()
                 relay_pid = relay.pid
         finally:
             for fd in (write_end, lock) if self._keeper is not None else (read_end, write_end, lock):
@@ -787,6 +800,10 @@ class Launcher:
                 time.sleep(0.05)
         job, exitcode = end.job, end.exitcode
         output = read_output(end.output_file)
+        error = getattr(end.relay, 'error', None)
+        if error:
+            self.logger.warning('The output of job %s could not be kept: %s', job.jobnumber, error)
+            output = '[the output could not be kept: %s]' % error
         if output:
             self.logger.info('Output of job %s:\n%s', job.jobnumber, output.rstrip('\n'))
         if end.leaves_queue:
