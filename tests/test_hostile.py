@@ -2,6 +2,7 @@
 import os
 import socket
 import threading
+import time
 import xmlrpc.client
 
 import pytest
@@ -80,31 +81,68 @@ def test_garbage_and_unknown_methods(server):
     still_serves(server)
 
 
-def test_idle_connections_do_not_block_others_and_are_bounded(environment):
-    environment.write_ini(jobqueue='max_connections = 4\nrequest_timeout = 4')
-    environment.start_server()
-    idle = [socket.create_connection(('127.0.0.1', environment.port)) for _ in range(3)]
+def closed_by_server(sock, timeout):
+    sock.settimeout(timeout)
     try:
-        still_serves(environment)                       # the fourth slot
-        extra = [socket.create_connection(('127.0.0.1', environment.port)) for _ in range(2)]
-        # All four slots taken: one more connection gets a quick 503, not a hang.
-        with pytest.raises(xmlrpc.client.ProtocolError) as refused:
-            environment.proxy().addjob(['isup'], 5)
-        assert refused.value.errcode == 503
-        for sock in extra:
-            sock.close()
-        # Idle connections are closed after request_timeout; then everyone is served again.
-        wait_until(lambda: _serves(environment), timeout=10, message='the slots to free up')
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return True
+    except socket.timeout:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_connections_beyond_the_limit_make_room_and_idle_ones_are_closed(environment):
+    """max_connections idle connections do not lock anyone out: a new one closes the one that
+    waited longest; idle connections are closed after request_timeout."""
+    environment.write_ini(jobqueue='max_connections = 4\nrequest_timeout = 3')
+    environment.start_server()
+    idle = [socket.create_connection(('127.0.0.1', environment.port)) for _ in range(10)]
+    try:
+        still_serves(environment)
+        assert all(closed_by_server(sock, 2) for sock in idle[:7])    # made room, oldest first
+        assert not closed_by_server(idle[9], 0.2)
+        assert all(closed_by_server(sock, 10) for sock in idle[7:])   # request_timeout
     finally:
         for sock in idle:
             sock.close()
 
 
-def _serves(environment):
+def test_a_request_must_arrive_whole_within_request_timeout(environment):
+    """A client that sends a byte now and then is closed request_timeout after it connected,
+    with 408, however often it sends."""
+    environment.write_ini(jobqueue='request_timeout = 2')
+    environment.start_server()
+    sock = socket.create_connection(('127.0.0.1', environment.port))
+    started = time.monotonic()
+    answer = b''
     try:
-        return environment.proxy().addjob(['isup'], 5) == 0
-    except (xmlrpc.client.ProtocolError, OSError):
-        return False
+        sock.settimeout(0.3)
+        for byte in b'POST /RPC2 HTTP/1.1\r\nHost: x\r\nX-Slow: ' + b'y' * 100:
+            try:
+                sock.sendall(bytes([byte]))
+                answer += sock.recv(1000)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if answer:
+                break
+    finally:
+        sock.close()
+    assert answer.startswith(b'HTTP/1.1 408'), answer
+    assert time.monotonic() - started < 4
+    still_serves(environment)
+
+
+def test_header_bytes_are_bounded(server):
+    """Header lines of 64 KB each: refused once the head passes 64 KB, not read on."""
+    line = b'X-Big: ' + b'y' * 65000 + b'\r\n'
+    answer = raw_request(server.port, b'POST /RPC2 HTTP/1.1\r\n' + line * 2)
+    assert answer.startswith(b'HTTP/1.1 431'), answer[:100]
+    still_serves(server)
 
 
 def test_many_concurrent_clients_lose_nothing_and_never_duplicate(server):

@@ -80,8 +80,8 @@ def test_stored_order_survives_a_reload(tmp_path):
     assert [(job.priority, job.jobnumber, job.task) for job in reloaded.waiting()] == before
 
 
-def test_capture_keeps_the_last_bytes_of_a_stream():
-    """capture.py, the stand-in for ``tail -c`` where there is none."""
+def test_capture_keeps_the_start_and_the_end_of_a_stream():
+    """capture.py as one job's relay (Windows): half the limit from the start, half from the end."""
     import subprocess
     import sys
     import bots.botsjobqueue.capture
@@ -89,4 +89,7 @@ def test_capture_keeps_the_last_bytes_of_a_stream():
     result = subprocess.run([sys.executable, bots.botsjobqueue.capture.__file__, '1000'], input=data, capture_output=True,
                             timeout=60)
     assert result.returncode == 0
-    assert result.stdout == data[-1000:]
+    assert result.stdout == data[:500] + b'\n[... %d bytes of output left out ...]\n' % (len(data) - 1000) + data[-500:]
+    short = subprocess.run([sys.executable, bots.botsjobqueue.capture.__file__, '1000'], input=b'short\n',
+                           capture_output=True, timeout=60)
+    assert short.stdout == b'short\n'

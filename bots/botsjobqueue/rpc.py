@@ -5,15 +5,33 @@ The Bots methods keep their names and answers (``addjob``, ``listjobs``,
 added for operators.  Bad input gets an XML-RPC fault or an HTTP error and
 changes nothing.
 
-Connections are served by threads, at most ``max_connections`` at once, and
-kept open between calls (HTTP/1.1), so a client that makes many calls pays
-for one connection.  Request bodies are bounded and refused before they are
-read; an idle connection is closed after ``request_timeout`` seconds.
+One thread serves every connection (an event loop over non-blocking
+sockets): it gathers each request whole, then answers it at once - the
+calls are quick, and a thread-per-connection server is exactly what slow
+clients exhaust.  What a client can hold is bounded:
+
+- a request must arrive whole within ``request_timeout`` seconds of the
+  connection's opening or of the previous answer (not per read): a client
+  that sends a byte now and then is closed all the same;
+- its request line and headers at most 64 KB, its body at most
+  ``max_request_size`` (refused before it is read), all connections'
+  unanswered bytes together at most ``BUFFER_BUDGET`` (past it the largest
+  is closed);
+- at most ``max_connections`` connections: one more closes the one that has
+  waited longest for its request, so a client that sends its request at
+  once is served even while thousands of slow ones are open.
+
+Connections are kept open between calls (HTTP/1.1 keep-alive).
 """
-import socketserver
+import collections
+import email.utils
+import selectors
+import socket
+import sys
 import threading
+import time
 import xmlrpc.client
-from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
+from xmlrpc.server import SimpleXMLRPCDispatcher
 
 from . import jobqueue
 
@@ -27,7 +45,7 @@ class RPCSettings:
         ini = environment.ini
         self.host = ini.get('jobqueue', 'host', '127.0.0.1') or '127.0.0.1'
         self.port = environment.port
-        self.max_connections = max(1, ini.getint('jobqueue', 'max_connections', 256))
+        self.max_connections = max(1, ini.getint('jobqueue', 'max_connections', 1024))
         self.request_timeout = ini.getfloat('jobqueue', 'request_timeout', 10)
         self.max_request_size = ini.getint('jobqueue', 'max_request_size', 1048576)
         self.max_task_size = ini.getint('jobqueue', 'max_task_size', 65536)
@@ -172,124 +190,316 @@ def _xmlrpc_safe(record):
     return {key: value for key, value in record.items() if value is not None}
 
 
-class Headers(dict):
-    """Request headers by lower-case name; what the handlers ask of them (``get``, ``[]``)."""
+MAX_HEAD = 65536                 # request line and headers, bytes
+MAX_HEADER_LINES = 100
+BUFFER_BUDGET = 64 * 1024 * 1024  # unanswered request bytes of all connections together
+SWEEP = 0.25                      # seconds between looks for connections past their deadline
 
-    def __getitem__(self, name):
-        return dict.get(self, name.lower())
-
-    def get(self, name, default=None):
-        return dict.get(self, name.lower(), default)
+REASONS = {100: 'Continue', 200: 'OK', 400: 'Bad Request', 408: 'Request Timeout', 411: 'Length Required',
+           413: 'Content Too Large', 415: 'Unsupported Media Type', 431: 'Request Header Fields Too Large',
+           501: 'Not Implemented', 503: 'Service Unavailable', 505: 'HTTP Version Not Supported'}
 
 
-class RequestHandler(SimpleXMLRPCRequestHandler):
-    """HTTP/1.1 with keep-alive, a bounded body and no compressed requests."""
+class Refusal(Exception):
+    """A request answered with an HTTP error, after which the connection is closed."""
 
-    MAX_HEADER_LINES = 100
-    MAX_LINE = 65536
+    def __init__(self, code, reason):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
 
-    protocol_version = 'HTTP/1.1'
-    default_request_version = 'HTTP/1.0'  # so that an answer to a garbled request has a status line
-    disable_nagle_algorithm = True    # headers and body go out in two writes: do not hold the second
-    rpc_paths = ()            # Bots clients post to '/RPC2'; any path is accepted
 
-    def setup(self):
-        self.timeout = self.server.settings.request_timeout
-        super().setup()
+class Connection:
+    """One client connection: what it sent so far, what it is still to receive."""
 
-    def parse_request(self):
-        """Read the request line and headers (HTTP/1.0 and 1.1).
+    __slots__ = ('sock', 'inbuf', 'outbuf', 'deadline', 'body_length', 'head_end', 'keep_alive', 'closing',
+                 'address')
 
-        The standard handler parses headers with the e-mail package, which costs more than the
-        whole addjob behind it; XML-RPC requests carry a handful of plain headers.
-        """
-        self.command = None
-        self.request_version = self.default_request_version
-        self.close_connection = True
-        self.requestline = str(self.raw_requestline, 'iso-8859-1').rstrip('\r\n')
-        words = self.requestline.split()
-        if len(words) != 3 or words[2] not in ('HTTP/1.0', 'HTTP/1.1'):
-            self.send_error(400 if len(words) != 3 else 505, 'Bad request line %r' % self.requestline[:100])
-            return False
-        self.command, self.path, self.request_version = words
-        headers = Headers()
-        for _ in range(self.MAX_HEADER_LINES + 1):
-            line = self.rfile.readline(self.MAX_LINE + 1)
-            if len(line) > self.MAX_LINE:
-                self.send_error(431, 'Header line too long')
-                return False
-            if line in (b'\r\n', b'\n', b''):
-                break
-            name, colon, value = line.decode('iso-8859-1').partition(':')
-            if not colon or not name.strip():
-                self.send_error(400, 'Bad header line')
-                return False
-            headers[name.strip().lower()] = value.strip()
-        else:
-            self.send_error(431, 'Too many headers')
-            return False
-        self.headers = headers
-        connection = headers.get('connection', '').lower()
-        self.close_connection = connection == 'close' or (
-            self.request_version == 'HTTP/1.0' and connection != 'keep-alive')
-        if headers.get('expect', '').lower() == '100-continue' and self.request_version == 'HTTP/1.1':
-            return self.handle_expect_100()
-        return True
+    def __init__(self, sock, address, deadline):
+        self.sock = sock
+        self.address = address
+        self.inbuf = bytearray()
+        self.outbuf = b''
+        self.deadline = deadline
+        self.body_length = None          # known once the head has been read
+        self.head_end = 0
+        self.keep_alive = True
+        self.closing = False             # close once the answer is out
 
-    def do_POST(self):
+
+def parse_head(data):
+    """``(method, headers dict, keep_alive)`` of a request head.  Raises Refusal."""
+    lines = bytes(data).decode('iso-8859-1').split('\n')
+    request_line = lines[0].rstrip('\r')
+    words = request_line.split()
+    if len(words) != 3:
+        raise Refusal(400, 'Bad request line %r' % request_line[:100])
+    method, _, version = words
+    if version not in ('HTTP/1.0', 'HTTP/1.1'):
+        raise Refusal(505, 'HTTP version %r is not served' % version[:20])
+    if len(lines) > MAX_HEADER_LINES + 3:
+        raise Refusal(431, 'Too many headers')
+    headers = {}
+    for line in lines[1:]:
+        line = line.rstrip('\r')
+        if not line:
+            continue
+        name, colon, value = line.partition(':')
+        if not colon or not name.strip():
+            raise Refusal(400, 'Bad header line')
+        headers[name.strip().lower()] = value.strip()
+    connection = headers.get('connection', '').lower()
+    keep_alive = connection != 'close' and (version == 'HTTP/1.1' or connection == 'keep-alive')
+    return method, version, headers, keep_alive
+
+
+def http_answer(code, body, content_type='text/xml', close=False):
+    head = ('HTTP/1.1 %d %s\r\nServer: bots-jobqueueserver\r\nDate: %s\r\nContent-Type: %s\r\n'
+            'Content-Length: %d\r\n%s\r\n' % (code, REASONS.get(code, ''), email.utils.formatdate(usegmt=True),
+                                               content_type, len(body), 'Connection: close\r\n' if close else ''))
+    return head.encode('ascii') + body
+
+
+def raise_open_files_limit(wanted, logger):
+    """Make room for ``wanted`` open files (POSIX); return how many connections fit."""
+    if sys.platform == 'win32':
+        return min(wanted, 500)           # select() on Windows watches at most 512 sockets
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + 256                   # the database, logs, job pipes and lock files
+    if soft != resource.RLIM_INFINITY and soft < need:
+        new = need if hard == resource.RLIM_INFINITY else min(need, hard)
         try:
-            length = int(self.headers.get('content-length', ''))
-        except ValueError:
-            length = -1
-        if length < 0:
-            self._refuse(411, 'a Content-Length is required')
-        elif length > self.server.settings.max_request_size:
-            self._refuse(413, 'request larger than %d bytes' % self.server.settings.max_request_size)
-        elif self.headers.get('content-encoding', 'identity').lower() != 'identity':
-            self._refuse(415, 'compressed requests are not accepted')
-        else:
-            super().do_POST()
-
-    def _refuse(self, code, reason):
-        self.send_error(code, reason)
-        self.close_connection = True
-
-    def log_message(self, format, *args):
-        self.server.logger.debug('RPC %s: ' + format, self.client_address[0], *args)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        fits = max(1, soft - 256)
+        logger.warning('max_connections = %d, but this process may open only %d files: at most %d '
+                       'connections are served at once.', wanted, soft, fits)
+        return fits
+    return wanted
 
 
-class JobQueueRPCServer(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
-    """A thread per connection, at most ``max_connections`` connections at once."""
-
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 1024
+class JobQueueRPCServer:
+    """The XML-RPC server: an event loop over every connection, answers made by the dispatcher
+    of the standard library (``register_instance``)."""
 
     def __init__(self, settings, logger):
         self.settings = settings
         self.logger = logger
-        self._slots = threading.BoundedSemaphore(settings.max_connections)
-        super().__init__((settings.host, settings.port), requestHandler=RequestHandler,
-                         logRequests=False, allow_none=True)
+        self.max_connections = raise_open_files_limit(settings.max_connections, logger)
+        self.dispatcher = SimpleXMLRPCDispatcher(allow_none=True, encoding=None)
+        self.socket = socket.create_server((settings.host, settings.port), backlog=1024)
+        self.socket.setblocking(False)
+        self._wakeup_read, self._wakeup_write = socket.socketpair()
+        self._wakeup_read.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._connections = collections.OrderedDict()     # by deadline, the earliest first
+        self._buffered = 0
+        self._stopping = False
+        self._stopped = threading.Event()
 
-    def process_request(self, request, client_address):
-        # A burst of clients waits a moment for a free slot; past that, a quick refusal beats a hang.
-        if not self._slots.acquire(timeout=1.0):
-            try:
-                request.sendall(b'HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n'
-                                b'Connection: close\r\n\r\n')
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
+    def register_instance(self, instance):
+        self.dispatcher.register_instance(instance)
 
-    def process_request_thread(self, request, client_address):
+    # ---- the loop
+    def serve_forever(self):
+        selector = self._selector
+        selector.register(self.socket, selectors.EVENT_READ, None)
+        selector.register(self._wakeup_read, selectors.EVENT_READ, False)
+        next_sweep = time.monotonic() + SWEEP
         try:
-            super().process_request_thread(request, client_address)
+            while not self._stopping:
+                for key, events in selector.select(SWEEP):
+                    if key.data is None:
+                        self._accept()
+                    elif key.data is False:
+                        pass                        # woken up to stop
+                    elif events & selectors.EVENT_WRITE:
+                        self._write(key.data)
+                    else:
+                        self._read(key.data)
+                now = time.monotonic()
+                if now >= next_sweep:
+                    self._sweep(now)
+                    next_sweep = now + SWEEP
         finally:
-            self._slots.release()
+            self._stopped.set()
+
+    def shutdown(self):
+        """Stop the loop (from another thread) and wait until it has stopped."""
+        self._stopping = True
+        try:
+            self._wakeup_write.send(b'x')
+        except OSError:
+            pass
+        self._stopped.wait(10)
+
+    def server_close(self):
+        for connection in list(self._connections):
+            self._close(connection)
+        self._selector.close()
+        self.socket.close()
+        self._wakeup_read.close()
+        self._wakeup_write.close()
+
+    # ---- connections
+    def _accept(self):
+        for _ in range(64):
+            try:
+                sock, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:           # out of files, for one: the others are served on
+                self.logger.warning('Cannot accept a connection: %s', exc)
+                return
+            if len(self._connections) >= self.max_connections:
+                oldest = next(iter(self._connections))
+                self.logger.debug('RPC %s: closed to make room (max_connections = %d)',
+                                  oldest.address[0], self.max_connections)
+                self._close(oldest)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connection = Connection(sock, address, time.monotonic() + self.settings.request_timeout)
+            self._connections[connection] = None
+            self._selector.register(sock, selectors.EVENT_READ, connection)
+
+    def _close(self, connection):
+        if self._connections.pop(connection, 0) is 0:
+            return
+        self._buffered -= len(connection.inbuf)
+        try:
+            self._selector.unregister(connection.sock)
+        except (KeyError, ValueError):
+            pass
+        connection.sock.close()
+
+    def _restart_deadline(self, connection):
+        connection.deadline = time.monotonic() + self.settings.request_timeout
+        self._connections.move_to_end(connection)
+
+    def _sweep(self, now):
+        """Close the connections past their deadline (they are first in the order)."""
+        while self._connections:
+            connection = next(iter(self._connections))
+            if connection.deadline > now:
+                return
+            if connection.inbuf and not connection.outbuf:
+                self._send_now(connection, http_answer(408, b'request not received in time\n', 'text/plain', True))
+            self._close(connection)
+
+    def _read(self, connection):
+        try:
+            data = connection.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b''
+        if not data:
+            self._close(connection)
+            return
+        connection.inbuf += data
+        self._buffered += len(data)
+        if self._buffered > BUFFER_BUDGET:
+            largest = max(self._connections, key=lambda c: len(c.inbuf))
+            self._refuse(largest, Refusal(503, 'the server holds too much unanswered data'))
+            if largest is connection:
+                return
+        try:
+            self._serve(connection)
+        except Refusal as refusal:
+            self._refuse(connection, refusal)
+
+    def _serve(self, connection):
+        """Answer every request that has arrived whole.  Raises Refusal."""
+        while not connection.outbuf and not connection.closing:
+            inbuf = connection.inbuf
+            if connection.body_length is None:
+                end = inbuf.find(b'\r\n\r\n', 0, MAX_HEAD + 4)
+                size = 4
+                if end < 0:
+                    end, size = inbuf.find(b'\n\n', 0, MAX_HEAD + 2), 2
+                if end < 0:
+                    if len(inbuf) > MAX_HEAD:
+                        raise Refusal(431, 'request line and headers larger than %d bytes' % MAX_HEAD)
+                    return
+                method, version, headers, keep_alive = parse_head(inbuf[:end])
+                connection.keep_alive = keep_alive
+                connection.head_end = end + size
+                connection.body_length = self._body_length(method, headers)
+                if headers.get('expect', '').lower() == '100-continue' and version == 'HTTP/1.1':
+                    self._send_now(connection, b'HTTP/1.1 100 Continue\r\n\r\n')
+            request_end = connection.head_end + connection.body_length
+            if len(inbuf) < request_end:
+                return
+            body = bytes(inbuf[connection.head_end:request_end])
+            del inbuf[:request_end]
+            self._buffered -= request_end
+            connection.body_length = None
+            answer = self.dispatcher._marshaled_dispatch(body)
+            self._send(connection, http_answer(200, answer, close=not connection.keep_alive),
+                       close=not connection.keep_alive)
+
+    def _body_length(self, method, headers):
+        if method != 'POST':
+            raise Refusal(501, 'Unsupported method (%r): XML-RPC is served by POST' % method[:20])
+        try:
+            length = int(headers.get('content-length', ''))
+        except ValueError:
+            length = -1
+        if length < 0:
+            raise Refusal(411, 'a Content-Length is required')
+        if length > self.settings.max_request_size:
+            raise Refusal(413, 'request larger than %d bytes' % self.settings.max_request_size)
+        if headers.get('content-encoding', 'identity').lower() != 'identity':
+            raise Refusal(415, 'compressed requests are not accepted')
+        return length
+
+    def _refuse(self, connection, refusal):
+        self.logger.debug('RPC %s: %d %s', connection.address[0], refusal.code, refusal.reason)
+        self._buffered -= len(connection.inbuf)
+        connection.inbuf = bytearray()
+        connection.outbuf = b''
+        self._send(connection, http_answer(refusal.code, (refusal.reason + '\n').encode('utf-8', 'replace'),
+                                           'text/plain', close=True), close=True)
+
+    def _send_now(self, connection, data):
+        """Send what fits now, without waiting (a short interim or last word)."""
+        try:
+            connection.sock.send(data)
+        except OSError:
+            pass
+
+    def _send(self, connection, data, close):
+        connection.closing = close
+        self._restart_deadline(connection)          # a slow reader gets request_timeout too
+        connection.outbuf = data
+        self._write(connection, first=True)
+
+    def _write(self, connection, first=False):
+        try:
+            sent = connection.sock.send(connection.outbuf)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(connection)
+            return
+        connection.outbuf = connection.outbuf[sent:]
+        if connection.outbuf:
+            if first:
+                self._selector.modify(connection.sock, selectors.EVENT_WRITE, connection)
+            return
+        if connection.closing:
+            self._close(connection)
+            return
+        self._restart_deadline(connection)
+        if first:
+            return                                  # _serve goes on with what else has arrived
+        self._selector.modify(connection.sock, selectors.EVENT_READ, connection)
+        if connection.inbuf:                        # a request sent before the answer came
+            try:
+                self._serve(connection)
+            except Refusal as refusal:
+                self._refuse(connection, refusal)
