@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import xmlrpc.client
 
@@ -306,6 +307,97 @@ def bench_job2queue(results, root, runs=30):
     _kill_recorded(environment)
 
 
+class SlowClients:
+    """``count`` connections that each send one byte of a request every ``interval`` seconds and
+    connect again when the server closes them (as an attacker would)."""
+
+    def __init__(self, port, count, interval=5.0):
+        import resource
+        import selectors
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < count + 256:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 256), hard))
+        self.port, self.count, self.interval = port, count, interval
+        self.selector = selectors.DefaultSelector()
+        self.stopping = False
+        self.reconnects = 0
+        self.sockets = [self._connect() for _ in range(count)]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _connect(self):
+        import selectors
+        sock = socket.create_connection(('127.0.0.1', self.port))
+        sock.setblocking(False)
+        self.selector.register(sock, selectors.EVENT_READ)
+        return sock
+
+    def _run(self):
+        step = 0
+        while not self.stopping:
+            for key, _ in self.selector.select(0.05):          # closed by the server: come again
+                self.selector.unregister(key.fileobj)
+                key.fileobj.close()
+                index = self.sockets.index(key.fileobj)
+                self.sockets[index] = self._connect()
+                self.reconnects += 1
+            share = max(1, int(self.count * 0.05 / self.interval))
+            for sock in self.sockets[step:step + share]:
+                try:
+                    sock.send(b'P')
+                except OSError:
+                    pass
+            step = (step + share) % self.count
+
+    def open(self):
+        return sum(1 for sock in self.sockets if sock.fileno() >= 0)
+
+    def close(self):
+        self.stopping = True
+        self.thread.join(5)
+        for sock in self.sockets:
+            sock.close()
+
+
+def bench_slowclients(results, root, runs=100, count=1000):
+    """bots-job2queue latency on an idle server and with ``count`` slow connections open."""
+    environment = Environment(os.path.join(root, 'slowclients'))
+    environment.start_server()
+    environment.proxy().addjob(environment.engine('blocker', '--sleep=3600'), 1)
+    script = os.path.join(BIN, 'bots-job2queue')
+
+    def timed(prefix, seconds=0.0):
+        latencies, failures = [], 0
+        until = time.monotonic() + seconds
+        number = 0
+        while number < runs or time.monotonic() < until:
+            number += 1
+            started = time.perf_counter()
+            result = subprocess.run([script, '-c' + environment.configdir] + environment.engine(prefix + str(number)),
+                                    cwd=environment.root, env=environment.env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, check=False)
+            latencies.append((time.perf_counter() - started) * 1000)
+            failures += result.returncode != 0
+        return latencies, failures
+
+    idle, idle_failures = timed('idle')
+    slow = SlowClients(environment.port, count)
+    time.sleep(2)
+    held = slow.open()
+    loaded, failures = timed('loaded', seconds=15)   # past request_timeout: they are closed and come again
+    reconnects = slow.reconnects
+    slow.close()
+    for name, fraction in (('median', 0.5), ('p99', 0.99)):
+        mine, theirs = percentile(loaded, fraction), percentile(idle, fraction)
+        results.append(('job2queue ms, %s, %d slow connections vs idle' % (name, held), mine, theirs,
+                        mine / theirs, '<= 2.0', mine / theirs <= 2.0))
+    results.append(('job2queue failures with %d slow connections (idle: %d)' % (held, idle_failures), failures,
+                    None, None, '0', failures == 0))
+    results.append(('slow connections closed and reopened meanwhile', reconnects, None, None, '-', None))
+    environment.kill_server()
+    _kill_recorded(environment)
+
+
 def bench_dirmonitor(results, root, quiet=1.0, samples=5, burst=10000):
     base = os.path.join(root, 'dirmonitor')
     inbox, other = os.path.join(base, 'in'), os.path.join(base, 'other')
@@ -386,7 +478,7 @@ def _fmt(value):
 
 
 BENCHES = {'addjob': bench_addjob, 'dispatch': bench_dispatch, 'job2queue': bench_job2queue,
-           'dirmonitor': bench_dirmonitor}
+           'dirmonitor': bench_dirmonitor, 'slowclients': bench_slowclients}
 
 
 def main():
