@@ -33,7 +33,11 @@ Options:
     --reload        ask the running bots-dirmonitor of this configuration to
                     re-read bots.ini (it writes "reload" into the trigger file,
                     [dirmonitor] trigger, default botssys/.dirmonitor.trigger).
-Signals: SIGHUP re-reads bots.ini (as --reload does); SIGTERM / Ctrl-C stop.
+Signals:
+    SIGHUP: read bots.ini again (as --reload does); a bots.ini with errors is
+        logged and the one in use is kept.
+    SIGTERM, SIGINT (Ctrl-C), SIGBREAK (Ctrl-Break, Windows): stop.  Files
+        that still wait are found again at the next start (process_existing).
 Exit codes: 0 stopped normally (or reload asked for); 1 cannot start (configuration).
 '''
 

@@ -64,9 +64,9 @@ def _configured_port():
     return 28082
 
 
-def parse_args(argv):
+def parse_args(argv, name='bots-job2queue'):
     """``(configdir, priority, task)`` from the command line, Bots' rules."""
-    from .botsjobqueue.configuration import HELP_OPTIONS, ConfigError, split_configdir_option
+    from .botsjobqueue.configuration import HELP_OPTIONS, split_configdir_option, usage_error
     configdir = 'config'
     priority = 5
     task = []
@@ -79,14 +79,19 @@ def parse_args(argv):
         elif task:
             task.append(arg)
         elif arg.startswith('-p'):
+            if not arg[2:]:
+                raise usage_error('priority should be numeric (1=highest, 9=lowest), joined to -p: write -p3, '
+                                  'not -p 3', name)
             try:
                 priority = int(arg[2:])
             except ValueError:
-                raise ConfigError('Error: priority should be numeric (1=highest, 9=lowest).')
+                raise usage_error('priority should be numeric (1=highest, 9=lowest), not "%s"' % arg[2:], name)
             if not 1 <= priority <= 9:
-                raise ConfigError('Error: priority should be from 1 (highest) to 9 (lowest), not %s.' % priority)
+                raise usage_error('priority should be from 1 (highest) to 9 (lowest), not %s' % priority, name)
         elif arg in HELP_OPTIONS:
             return None
+        elif arg.startswith('-'):
+            raise usage_error('unknown option "%s" (options come before the task)' % arg, name)
         else:
             task.append(arg)
     return configdir, priority, task
@@ -95,13 +100,12 @@ def parse_args(argv):
 def start():
     """Console script entry point."""
     import os
-    from .botsjobqueue import __version__, configuration
+    from .botsjobqueue import configuration
     name = os.path.basename(sys.argv[0])
     try:
-        parsed = parse_args(sys.argv[1:])
+        parsed = parse_args(sys.argv[1:], name)
         if parsed is None:
-            print(USAGE % {'name': name, 'version': __version__})
-            sys.exit(0)
+            configuration.print_usage(USAGE, name)
         configdir, priority, task = parsed
         environment = configuration.load(configdir)
         environment.require_jobqueue_enabled()

@@ -8,13 +8,14 @@ import gc
 import os
 import sys
 import threading
+import time
 
 from .botsjobqueue import botslog, configuration
 from .botsjobqueue.authorize import Authorizer
 from .botsjobqueue.jobqueue import Job, JobQueue, canonical_task
 from .botsjobqueue.launcher import Launcher, LaunchSettings
 from .botsjobqueue.report import Reporter, read_mail_settings
-from .botsjobqueue.rpc import JobQueueRPCServer, JobQueueService, RPCSettings
+from .botsjobqueue.rpc import JobQueueRPCServer, JobQueueService, RPCSettings, listen
 from .botsjobqueue.signals import Signals
 from .botsjobqueue.store import DamagedStore, Store
 
@@ -28,8 +29,13 @@ Usage:
     %(name)s [-c<directory>]
 Options:
     -c<directory>   directory for configuration files (default: config).
-Signals: SIGTERM, SIGINT (Ctrl-C), SIGHUP stop it: running jobs get
-[jobqueue] shutdown_grace seconds, then are stopped and kept for the next start.
+Signals:
+    SIGTERM, SIGINT (Ctrl-C), SIGBREAK (Ctrl-Break, Windows): stop.  No new
+        jobs are accepted; running jobs get [jobqueue] shutdown_grace seconds to
+        finish, then are stopped and kept for the next start.  A second stop
+        signal stops them at once (they are kept all the same).
+    SIGHUP: read bots.ini again (authorized tasks, limits, timings); a
+        bots.ini with errors is logged and the one in use is kept.
 Exit codes: 0 stopped normally; 1 cannot start (configuration, port in use).
 '''
 
@@ -81,19 +87,94 @@ def restore_queue(store, queue, launcher, logger):
     return count + len(running)
 
 
+class Parts:
+    """The parts of a running server that a reload changes."""
+
+    def __init__(self, environment, server, service, launcher, logger):
+        self.environment = environment
+        self.server = server
+        self.service = service
+        self.launcher = launcher
+        self.logger = logger
+
+
+RESTART_ONLY = (('jobqueue', 'host'), ('jobqueue', 'port'), ('directories', 'botssys'), ('jobqueue', 'nr_threads'),
+                ('jobqueue', 'output_limit'), ('jobqueue', 'log_file_level'), ('jobqueue', 'log_console_level'),
+                ('jobqueue', 'log_file_number'), ('jobqueue', 'log_console'))
+
+
+def reload(parts):
+    """Read bots.ini again (SIGHUP): authorized tasks, limits and timings change at once; the
+    rest is named and waits for a restart.  A configuration that cannot be read changes nothing."""
+    logger, old = parts.logger, parts.environment
+    try:
+        new = configuration.load(old.configdir)
+        new.require_jobqueue_enabled()
+        rpc_settings = RPCSettings(new)
+        launch_settings = LaunchSettings(new)
+        new.ini.getfloat('jobqueue', 'shutdown_grace', 60)
+        authorizer = Authorizer.for_environment(new)
+    except configuration.ConfigError as exc:
+        logger.error('Reload refused; the configuration in use is kept. %s', exc)
+        return
+    for section, key in RESTART_ONLY:
+        if new.ini.get(section, key, None) != old.ini.get(section, key, None):
+            logger.warning('[%s] %s changed; it takes effect at the next start.', section, key)
+    rpc_settings.host, rpc_settings.port = parts.server.settings.host, parts.server.settings.port
+    for name in ('nr_threads', 'output_limit', 'outputdir', 'lockdir'):
+        setattr(launch_settings, name, getattr(parts.launcher.settings, name))
+    parts.server.settings = parts.service._settings = rpc_settings
+    parts.launcher.settings = launch_settings
+    parts.service._authorizer = parts.launcher.authorizer = authorizer
+    parts.environment = new
+    logger.log(botslog.STARTINFO, 'Bots jobqueue configuration reloaded from "%s".', new.configdir)
+    for problem in authorizer.problems:
+        logger.warning(problem)
+
+
+def shut_down(parts, signals):
+    """Accept nothing more; give running jobs shutdown_grace seconds (a second stop signal cuts it
+    short); stop what still runs and keep it for the next start."""
+    logger, launcher = parts.logger, parts.launcher
+    logger.log(botslog.STARTINFO, 'Bots jobqueue stops: no new jobs are accepted.')
+    parts.server.shutdown()
+    parts.server.server_close()
+    launcher.close()
+    grace = parts.environment.ini.getfloat('jobqueue', 'shutdown_grace', 60)
+    deadline = time.monotonic() + grace
+    launcher.on_idle = lambda: signals.put('idle')
+    running = launcher.running_numbers()
+    if running:
+        logger.log(botslog.STARTINFO, 'Waiting up to %s seconds for running job(s) %s to finish; stop again '
+                   '(Ctrl-C, SIGTERM) to stop them now - stopped jobs run again at the next start.',
+                   '%g' % grace, ', '.join(map(str, running)))
+    while running and time.monotonic() < deadline:
+        action = signals.next(timeout=min(10.0, deadline - time.monotonic()))
+        running = launcher.running_numbers()
+        if action == 'stop' and running:
+            logger.warning('Asked to stop again: stopping running job(s) %s now.', ', '.join(map(str, running)))
+            break
+        if action is None and running and time.monotonic() < deadline:
+            logger.log(botslog.STARTINFO, 'Still waiting for running job(s) %s; %d seconds left.',
+                       ', '.join(map(str, running)), deadline - time.monotonic())
+    launcher.stop_running()
+
+
 def serve(environment, signals):
     """Run the server until a signal asks it to stop.  Raises ConfigError when it cannot start."""
     ini = environment.ini
-    logger = botslog.init(environment, 'jobqueue')
     rpc_settings = RPCSettings(environment)
-    launch_settings = LaunchSettings(environment)
-    os.makedirs(environment.botssys, exist_ok=True)
-    lock = lock_environment(environment.botssys)
     try:
-        server = JobQueueRPCServer(rpc_settings, logger)
+        # First of all: a second server refused here leaves nothing behind (no lock, no log).
+        listener = listen(rpc_settings)
     except OSError as exc:
         raise configuration.ConfigError('Error: cannot listen on %s port %s (%s); is another bots-jobqueueserver running?'
                                  % (rpc_settings.host, rpc_settings.port, exc.strerror or exc))
+    os.makedirs(environment.botssys, exist_ok=True)
+    lock = lock_environment(environment.botssys)
+    logger = botslog.init(environment, 'jobqueue')
+    launch_settings = LaunchSettings(environment)
+    server = JobQueueRPCServer(rpc_settings, logger, listener)
     logger.log(botslog.STARTINFO, 'Bots jobqueue started.')
     logger.log(botslog.STARTINFO, 'Bots jobqueue configdir: "%s".', environment.configdir)
     botslog.log_installation(environment, logger, 'Bots jobqueue')
@@ -119,15 +200,14 @@ def serve(environment, signals):
     count = restore_queue(store, queue, launcher, logger)
     if count:
         logger.log(botslog.STARTINFO, 'Restored %d stored job(s); %d waiting.', count, len(queue))
-    server.register_instance(JobQueueService(queue, launcher, store, authorizer, rpc_settings, logger))
+    service = JobQueueService(queue, launcher, store, authorizer, rpc_settings, logger)
+    server.register_instance(service)
+    parts = Parts(environment, server, service, launcher, logger)
     launcher.start()
-    listener = threading.Thread(target=server.serve_forever, name='rpc', daemon=True)
-    listener.start()
-    signals.next()
-    logger.log(botslog.STARTINFO, 'Bots jobqueue stops: no new jobs are accepted.')
-    server.shutdown()
-    server.server_close()
-    launcher.stop(ini.getfloat('jobqueue', 'shutdown_grace', 60))
+    threading.Thread(target=server.serve_forever, name='rpc', daemon=True).start()
+    while signals.next() == 'reload':
+        reload(parts)
+    shut_down(parts, signals)
     reporter.flush()
     logger.log(botslog.STARTINFO, 'Bots jobqueue stopped; %d job(s) wait for the next start.', len(queue))
     store.close()
@@ -137,7 +217,7 @@ def serve(environment, signals):
 def start():
     """Console script entry point."""
     name = os.path.basename(sys.argv[0])
-    signals = Signals({signame: 'stop' for signame in ('SIGTERM', 'SIGINT', 'SIGBREAK', 'SIGHUP')})
+    signals = Signals({'SIGTERM': 'stop', 'SIGINT': 'stop', 'SIGBREAK': 'stop', 'SIGHUP': 'reload'})
     try:
         environment = configuration.load(configuration.configdir_from_args(sys.argv[1:], name, USAGE))
         environment.require_jobqueue_enabled()

@@ -52,7 +52,7 @@ def test_shutdown_gives_an_adopted_job_its_grace(environment):
     adopted_after_restart(environment, 'shutdown_grace = 30', 'adopted', '--sleep=3')
     assert environment.stop_server(signal.SIGTERM) == 0
     assert [run['argv'][0] for run in environment.runs()] == ['adopted']     # it ended by itself
-    assert 'Waiting up to 30.0 seconds for running job(s) 1 to finish.' in environment.log()
+    assert 'Waiting up to 30 seconds for running job(s) 1 to finish; stop again' in environment.log()
     assert 'Stopping job 1' not in environment.log()
     environment.start_server()
     proxy = environment.proxy()

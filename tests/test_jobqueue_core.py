@@ -23,13 +23,13 @@ def test_order_is_priority_then_job_number_at_100000_jobs():
     expected = []
     for number in range(100000):
         priority = rng.randint(1, 9)
-        code, jobnumber = queue.add(['engine', 'route%d' % number], priority)
+        code, jobnumber, _ = queue.add(['engine', 'route%d' % number], priority)
         assert code == ADDED
         expected.append((priority, jobnumber))
     # Change the priority of a few thousand waiting jobs; they keep their numbers.
     for number in rng.sample(range(100000), 3000):
         new_priority = rng.randint(1, 9)
-        code, jobnumber = queue.add(['engine', 'route%d' % number], new_priority)
+        code, jobnumber, _ = queue.add(['engine', 'route%d' % number], new_priority)
         assert code in (ADDED, DUPLICATE)
         expected[number] = (new_priority, jobnumber)
     assert [job.jobnumber for job in queue.first(5)] == [n for _, n in sorted(expected)[:5]]
@@ -39,14 +39,14 @@ def test_order_is_priority_then_job_number_at_100000_jobs():
 
 def test_duplicates_and_removal():
     queue = make_queue()
-    assert queue.add(['a'], 5) == (ADDED, 1)
-    assert queue.add(['a'], 5) == (DUPLICATE, 1)
-    assert queue.add(['a'], 2) == (ADDED, 1)
-    assert queue.add(['b'], 5) == (ADDED, 2)
+    assert queue.add(['a'], 5) == (ADDED, 1, None)
+    assert queue.add(['a'], 5) == (DUPLICATE, 1, None)
+    assert queue.add(['a'], 2) == (ADDED, 1, 5)
+    assert queue.add(['b'], 5) == (ADDED, 2, None)
     assert [job.jobnumber for job in queue.waiting()] == [1, 2]
     assert queue.remove(1).task == ('a',)
     assert queue.remove(1) is None
-    assert queue.add(['a'], 2) == (ADDED, 3)         # no longer waiting: a new job
+    assert queue.add(['a'], 2) == (ADDED, 3, None)       # no longer waiting: a new job
     assert queue.clear() == 2
     assert len(queue) == 0
 

@@ -76,14 +76,52 @@ def find_program(name, directories):
 
 
 class ConfigError(Exception):
-    """A configuration problem the user must fix; its text is one line."""
+    """A problem the user must fix (configuration, options); its text is one line that starts
+    with ``Error:``."""
+
+    def __str__(self):
+        text = super().__str__()
+        return text if text.startswith('Error') else 'Error: ' + text
+
+
+def usage_error(message, name):
+    """A ConfigError for a wrong command line, with the hint where to look."""
+    return ConfigError('Error: %s; see %s --help' % (message, name))
+
+
+def ini_syntax_error(inifile, exc):
+    """A one-line ConfigError for a bots.ini that configparser cannot read: file, line, problem."""
+    if isinstance(exc, configparser.MissingSectionHeaderError):
+        where, what = exc.lineno, '"%s" comes before any [section]' % exc.line.strip()
+    elif isinstance(exc, configparser.ParsingError):
+        where, line = exc.errors[0]
+        try:
+            import ast
+            line = ast.literal_eval(line)    # configparser keeps the line as its repr
+        except (ValueError, SyntaxError):
+            pass
+        what = '"%s" is not "key = value" or "[section]"' % line.strip()
+        if len(exc.errors) > 1:
+            what += ' (and %d more such lines)' % (len(exc.errors) - 1)
+    elif isinstance(exc, UnicodeDecodeError):
+        where, what = None, 'not UTF-8 text (%s)' % exc.reason
+    elif isinstance(exc, OSError):
+        where, what = None, exc.strerror or str(exc)
+    else:
+        where = getattr(exc, 'lineno', None)
+        what = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ConfigError('Error: cannot read %s%s: %s' % (inifile, ', line %s' % where if where else '', what))
 
 
 class BotsIni:
     """bots.ini with Bots-style reads: every read names its own default."""
 
-    def __init__(self, parser):
+    def __init__(self, parser, path=''):
         self._parser = parser
+        self.path = path
+
+    def _wrong(self, section, option, kind, value):
+        return ConfigError('Error: [%s] %s should be %s, not %r (in %s)' % (section, option, kind, value, self.path))
 
     def get(self, section, option, default=''):
         try:
@@ -98,7 +136,7 @@ class BotsIni:
         try:
             return int(value)
         except ValueError:
-            raise ConfigError('[%s] %s should be a whole number, not %r' % (section, option, value))
+            raise self._wrong(section, option, 'a whole number', value)
 
     def getfloat(self, section, option, default):
         value = self.get(section, option, None)
@@ -107,7 +145,7 @@ class BotsIni:
         try:
             return float(value)
         except ValueError:
-            raise ConfigError('[%s] %s should be a number, not %r' % (section, option, value))
+            raise self._wrong(section, option, 'a number', value)
 
     def getboolean(self, section, option, default):
         value = self.get(section, option, None)
@@ -118,7 +156,7 @@ class BotsIni:
             return True
         if lowered in ('0', 'no', 'false', 'off'):
             return False
-        raise ConfigError('[%s] %s should be True or False, not %r' % (section, option, value))
+        raise self._wrong(section, option, 'True or False', value)
 
     def sections(self):
         return self._parser.sections()
@@ -245,9 +283,8 @@ def load(configdir_name='config'):
         with open(inifile, encoding='utf-8') as handle:
             parser.read_file(handle)
     except (configparser.Error, UnicodeDecodeError, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError('Error: cannot read %s: %s' % (inifile, first_line))
-    ini = BotsIni(parser)
+        raise ini_syntax_error(inifile, exc)
+    ini = BotsIni(parser, inifile)
     served = served_bots(configdir, inside_bots)
     botssys = ini.get('directories', 'botssys', 'botssys') or 'botssys'
     botssys = os.path.join(served, botssys) if served else os.path.abspath(botssys)
@@ -265,15 +302,31 @@ def split_configdir_option(arg):
 HELP_OPTIONS = ('-h', '--help', '?', '/?')
 
 
+def stdout_gone():
+    """Standard output was closed by its reader (``| head``): nothing more to say, no traceback."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(0)
+
+
+def print_usage(usage, name):
+    """Print the usage text and exit 0."""
+    try:
+        print(usage % {'name': name, 'version': __version__}, end='')
+        sys.stdout.flush()
+    except BrokenPipeError:
+        stdout_gone()
+    sys.exit(0)
+
+
 def configdir_from_args(argv, name, usage):
     """The ``-c`` directory of a program whose only option is ``-c``; usage and exit 0 on help."""
     configdir = 'config'
     for arg in argv:
         if arg in HELP_OPTIONS:
-            print(usage % {'name': name, 'version': __version__})
-            sys.exit(0)
+            print_usage(usage, name)
         elif arg.startswith('-c'):
             configdir = split_configdir_option(arg)
         else:
-            raise ConfigError('Error: unknown option "%s"; see %s --help' % (arg, name))
+            raise usage_error('unknown option "%s"' % arg, name)
     return configdir

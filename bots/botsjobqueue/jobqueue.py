@@ -80,27 +80,28 @@ class JobQueue:
 
     # ---- the Bots interface
     def add(self, task, priority):
-        """Add a job; return ``(code, jobnumber)`` with code ADDED or DUPLICATE."""
+        """Add a job; return ``(code, jobnumber, previous)`` with code ADDED or DUPLICATE, and the
+        previous priority of a waiting duplicate whose priority changed (else None)."""
         task = canonical_task(task)
         with self._lock:
             job = self._by_task.get(task)
             if job is not None:
                 if job.priority == priority:
-                    return DUPLICATE, job.jobnumber
+                    return DUPLICATE, job.jobnumber, None
                 self._store.set_priority(job.jobnumber, priority)
-                job.priority = priority
+                previous, job.priority = job.priority, priority
                 if job.jobnumber in self._waiting:
                     heapq.heappush(self._heap, (priority, job.jobnumber))
                     self._compact_if_stale()
                     self._changed.notify()
-                return ADDED, job.jobnumber
+                return ADDED, job.jobnumber, previous
             jobnumber = self._store.add(priority, list(task))
             job = Job(jobnumber, priority, task)
             self._by_task[task] = job
             self._waiting[jobnumber] = job
             heapq.heappush(self._heap, (priority, jobnumber))
             self._changed.notify()
-            return ADDED, jobnumber
+            return ADDED, jobnumber, None
 
     def waiting(self):
         """The waiting jobs in launch order (delayed ones last, by job number)."""

@@ -8,7 +8,7 @@ import os
 import sys
 import xmlrpc.client
 
-from . import __version__, configuration, rpcclient
+from . import configuration, rpcclient
 
 USAGE = '''\
 This is "%(name)s" version %(version)s: look at and manage the Bots job queue.
@@ -85,46 +85,70 @@ def print_job(job):
         print(job['output'].rstrip('\n'))
 
 
-def start():
-    """Console script entry point."""
-    name = os.path.basename(sys.argv[0])
-    args = sys.argv[1:]
-    configdir = 'config'
-    as_json = False
-    show_all = False
-    words = []
+# command: (how many numbers it takes at least, at most, what they are)
+COMMANDS = {'status': (0, 0, ''), 'history': (0, 1, '[N]'), 'show': (1, 1, 'N'), 'remove': (1, 1, 'N'),
+            'clear': (0, 0, '')}
+
+
+def parse_args(args, name):
+    """``(configdir, as_json, show_all, command, numbers)``; None for help.  Raises ConfigError."""
+    configdir, as_json, show_all, words = 'config', False, False, []
     for arg in args:
         if arg in configuration.HELP_OPTIONS:
-            print(USAGE % {'name': name, 'version': __version__})
-            sys.exit(0)
+            return None
         elif arg == '--json':
             as_json = True
         elif arg == '--all':
             show_all = True
         elif arg.startswith('-c'):
-            try:
-                configdir = configuration.split_configdir_option(arg)
-            except configuration.ConfigError as exc:
-                sys.exit(_fail(str(exc)))
+            configdir = configuration.split_configdir_option(arg)
+        elif arg.startswith('-') and not arg[1:].isdigit():
+            raise configuration.usage_error('unknown option "%s"' % arg, name)
         else:
             words.append(arg)
     command, params = (words[0], words[1:]) if words else ('status', [])
+    if command not in COMMANDS:
+        raise configuration.usage_error('unknown command "%s"' % command, name)
+    least, most, what = COMMANDS[command]
+    if not least <= len(params) <= most:
+        if most == 0:
+            raise configuration.usage_error('"%s" takes no arguments' % command, name)
+        raise configuration.usage_error('write "%s %s %s"' % (name, command, what)
+                                        + (' (a job number)' if what == 'N' else ''), name)
+    numbers = []
+    for param in params:
+        try:
+            numbers.append(int(param))
+        except ValueError:
+            raise configuration.usage_error('"%s %s" needs a whole number, not "%s"' % (command, what, param), name)
+    return configdir, as_json, show_all, command, numbers
+
+
+def start():
+    """Console script entry point."""
+    name = os.path.basename(sys.argv[0])
     try:
+        parsed = parse_args(sys.argv[1:], name)
+        if parsed is None:
+            configuration.print_usage(USAGE, name)
+        configdir, as_json, show_all, command, numbers = parsed
         environment = configuration.load(configdir)
         environment.require_jobqueue_enabled()
         timeout = environment.ini.getfloat('jobqueue', 'client_timeout', 10)
-        numbers = [int(param) for param in params]
+        port = environment.port
     except configuration.ConfigError as exc:
         sys.exit(_fail(str(exc)))
-    except ValueError:
-        sys.exit(_fail('Error: job numbers and counts are whole numbers; see %s --help' % name))
-    client = Client(environment.port, timeout)
+    client = Client(port, timeout)
     try:
-        sys.exit(run(client, command, numbers, as_json, name, show_all))
+        code = run(client, command, numbers, as_json, name, show_all)
+        sys.stdout.flush()
+        sys.exit(code)
+    except BrokenPipeError:
+        configuration.stdout_gone()
     except xmlrpc.client.Fault as fault:
         sys.exit(_fail('Error: the jobqueue-server refused: %s' % fault.faultString))
     except rpcclient.CallFailed as exc:
-        sys.exit(_fail('Error: cannot contact the jobqueue-server on port %s (%s)' % (environment.port, exc)))
+        sys.exit(_fail('Error: cannot contact the jobqueue-server on port %s (%s)' % (port, exc)))
 
 
 def all_waiting(client):

@@ -449,6 +449,15 @@ class Ended:
         self.status = None
         self.logged = False
 
+    def as_dict(self):
+        record = {'state': 'finished', 'jobnumber': self.job.jobnumber, 'priority': self.job.priority,
+                  'task': list(self.job.task), 'started': self.started, 'ended': self.ended}
+        if self.exitcode is not None:
+            record['exitcode'] = self.exitcode
+        if self.status:
+            record['status'] = self.status
+        return record
+
 
 class Launcher:
     """Runs jobs from the queue, ``nr_threads`` at a time."""
@@ -465,6 +474,8 @@ class Launcher:
         self._idle = threading.Condition(self._lock)      # notified when a job leaves ``running``
         self._threads = []
         self._stopping = False
+        self.on_idle = None            # called (from any thread) when the last running job has ended
+        self._between = {}             # jobnumber -> what showjob tells of a job being started or recorded
         self._deadlines = Deadlines()
         os.makedirs(settings.outputdir, exist_ok=True)
         self._locks = RunLocks(settings.lockdir, settings.nr_threads) if RunLocks.available() else None
@@ -479,19 +490,20 @@ class Launcher:
             thread.start()
             self._threads.append(thread)
 
-    def stop(self, grace):
-        """Graceful shutdown: no new jobs; running ones - started here or adopted after a restart -
-        get ``grace`` seconds, then are stopped (SIGTERM, SIGKILL after ``kill_grace``).
-
-        A job stopped this way goes back to the queue for the next start.
-        """
+    def close(self):
+        """Start no more jobs (the first step of a shutdown)."""
         self._stopping = True
         self.queue.close()
-        left = self._running_after(grace)
-        if left:
-            self.logger.log(25, 'Waiting up to %s seconds for running job(s) %s to finish.', grace,
-                            ', '.join(str(running.job.jobnumber) for running in left))
-            left = self._running_after(grace, wait=True)
+
+    def running_numbers(self):
+        with self._lock:
+            return sorted(self.running)
+
+    def stop_running(self):
+        """Stop the jobs that still run (SIGTERM, SIGKILL after ``kill_grace``) and keep them in the
+        queue for the next start; then let the runners and the output keeper end."""
+        self.close()
+        left = self._running_after(0)
         for running in left:
             self.logger.warning('Stopping job %s: the server shuts down; it will run again at the next start.',
                                 running.job.jobnumber)
@@ -521,6 +533,9 @@ class Launcher:
         with self._idle:
             del self.running[jobnumber]
             self._idle.notify_all()
+            idle = not self.running
+        if idle and self.on_idle is not None:
+            self.on_idle()
 
     def status(self):
         with self._lock:
@@ -559,7 +574,12 @@ class Launcher:
                 continue
             try:
                 held, lock = lock, None            # the job's now (closed by _start in any case)
-                started = self._start(job, held)
+                self._between[job.jobnumber] = {'state': 'starting', 'jobnumber': job.jobnumber,
+                                                'priority': job.priority, 'task': list(job.task)}
+                try:
+                    started = self._start(job, held)
+                finally:
+                    self._between.pop(job.jobnumber, None)
                 self._log_ends(ended)
                 if started:
                     self.logger.info('Starting job %s: %s', job.jobnumber, job.task)
@@ -569,6 +589,7 @@ class Launcher:
                     ended.append(end)
                     if end.leaves_queue:
                         done = job.jobnumber
+                        self._between[job.jobnumber] = end.as_dict()
             except Exception:        # a bug here must not stop the queue; it is logged in full
                 self.logger.exception('Unexpected error while running job %s', job.jobnumber)
 
@@ -820,6 +841,12 @@ class Launcher:
                 pass
         if self._locks is not None:
             self._locks.remove(job.jobnumber)
+        self._between.pop(job.jobnumber, None)
+
+    def between(self, jobnumber):
+        """A job that is neither waiting, running nor in the history at this instant - being
+        started, or ended and not yet recorded - as showjob tells it; else None."""
+        return self._between.get(jobnumber)
 
 
 def _capture_done(relay):

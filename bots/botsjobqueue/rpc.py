@@ -106,9 +106,12 @@ class JobQueueService:
         if not self._authorizer.allows(task):
             self._logger.warning('Refused job, not an authorized task: %s', task)
             return jobqueue.NOT_AUTHORIZED
-        code, jobnumber = self._queue.add(task, priority)
+        code, jobnumber, previous = self._queue.add(task, priority)
         if code == jobqueue.DUPLICATE:
             self._logger.info('Duplicate job not added: %s', task)
+        elif previous is not None:
+            self._logger.info('Priority of waiting job %s changed from %s to %s: %s',
+                              jobnumber, previous, priority, task)
         else:
             self._logger.info('Added job %s, priority %s: %s', jobnumber, priority, task)
         return code
@@ -161,7 +164,9 @@ class JobQueueService:
         if job is not None:
             return {'state': 'waiting', 'jobnumber': jobnumber, 'priority': job.priority, 'task': list(job.task)}
         record = self._store.finished(jobnumber)
-        return dict(_xmlrpc_safe(record), state='finished') if record else {}
+        if record:
+            return dict(_xmlrpc_safe(record), state='finished')
+        return self._launcher.between(jobnumber) or {}
 
     def removejob(self, jobnumber):
         """Remove one waiting job.  0 removed, 1 no such waiting job."""
@@ -282,16 +287,21 @@ def raise_open_files_limit(wanted, logger):
     return wanted
 
 
+def listen(settings):
+    """The server's listening socket.  Raises OSError (port taken, say)."""
+    return socket.create_server((settings.host, settings.port), backlog=1024)
+
+
 class JobQueueRPCServer:
     """The XML-RPC server: an event loop over every connection, answers made by the dispatcher
     of the standard library (``register_instance``)."""
 
-    def __init__(self, settings, logger):
+    def __init__(self, settings, logger, listener=None):
         self.settings = settings
         self.logger = logger
         self.max_connections = raise_open_files_limit(settings.max_connections, logger)
         self.dispatcher = SimpleXMLRPCDispatcher(allow_none=True, encoding=None)
-        self.socket = socket.create_server((settings.host, settings.port), backlog=1024)
+        self.socket = listener or listen(settings)
         self.socket.setblocking(False)
         self._wakeup_read, self._wakeup_write = socket.socketpair()
         self._wakeup_read.setblocking(False)

@@ -10,6 +10,7 @@ import collections
 import select
 import signal
 import socket
+import time
 
 
 class Signals:
@@ -33,10 +34,14 @@ class Signals:
         except OSError:          # the socket is full: the main thread is awake anyway
             pass
 
-    def next(self):
-        """Block until something is asked for; return it."""
+    def next(self, timeout=None):
+        """Block until something is asked for (at most ``timeout`` seconds); return it, or None."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not self._asked:
-            select.select([self._wakeup], [], [])
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            select.select([self._wakeup], [], [], left)
             try:
                 while self._wakeup.recv(4096):
                     pass

@@ -1,0 +1,152 @@
+"""What an operator reads: every wrong command line or bots.ini is one line that starts with
+``Error:`` and exits as documented; signals mean the same to both daemons; shutdown says what
+it waits for."""
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import script, wait_until
+
+PROGRAMS = ('bots-jobqueueserver', 'bots-dirmonitor', 'bots-job2queue', 'bots-jobqueue')
+
+
+def one_error_line(result, *expected):
+    lines = result.stderr.splitlines()
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert len(lines) == 1 and lines[0].startswith('Error: '), result.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def run_in(root, name, *args):
+    return subprocess.run([script(name)] + list(args), cwd=str(root), capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize('name', PROGRAMS)
+def test_a_bots_ini_syntax_error_names_file_and_line(tmp_path, name):
+    (tmp_path / 'config').mkdir()
+    inifile = tmp_path / 'config' / 'bots.ini'
+    inifile.write_text('[jobqueue]\nenabled = True\nport 28082\n')
+    args = ['task'] if name == 'bots-job2queue' else []
+    one_error_line(run_in(tmp_path, name, *args), str(inifile), 'line 3', '"port 28082"')
+    inifile.write_text('enabled = True\n[jobqueue]\n')
+    one_error_line(run_in(tmp_path, name, *args), 'line 1', 'before any [section]')
+
+
+@pytest.mark.parametrize('name', PROGRAMS)
+def test_a_wrong_value_names_section_key_value_and_file(tmp_path, name):
+    (tmp_path / 'config').mkdir()
+    inifile = tmp_path / 'config' / 'bots.ini'
+    inifile.write_text('[jobqueue]\nenabled = True\nport = abc\n')
+    args = ['task'] if name == 'bots-job2queue' else []
+    one_error_line(run_in(tmp_path, name, *args), "[jobqueue] port should be a whole number, not 'abc'", str(inifile))
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['show'], 'write "bots-jobqueue show N" (a job number)'),
+    (['remove'], 'write "bots-jobqueue remove N"'),
+    (['remove', 'x'], 'needs a whole number, not "x"'),
+    (['--jsn', 'status'], 'unknown option "--jsn"'),
+    (['status', 'extra'], '"status" takes no arguments'),
+    (['-p3', 'status'], 'unknown option "-p3"'),
+    (['frobnicate'], 'unknown command "frobnicate"'),
+])
+def test_bots_jobqueue_says_what_is_wrong_with_the_command_line(environment, args, expected):
+    line = one_error_line(environment.run('bots-jobqueue', '-c' + environment.configdir, *args), expected)
+    assert line.endswith('see bots-jobqueue --help')
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['-x', 'task'], 'unknown option "-x" (options come before the task)'),
+    (['-p', '3', 'task'], 'write -p3, not -p 3'),
+    (['-pthree', 'task'], 'priority should be numeric'),
+    (['-p0', 'task'], 'from 1 (highest) to 9 (lowest), not 0'),
+])
+def test_bots_job2queue_says_what_is_wrong_with_the_command_line(environment, args, expected):
+    line = one_error_line(environment.job2queue(*args), expected)
+    assert line.endswith('see bots-job2queue.py --help')
+
+
+@pytest.mark.parametrize('name', PROGRAMS)
+def test_help_into_a_closed_pipe_ends_quietly(tmp_path, name):
+    """``--help | head -1``: the first line, and no traceback."""
+    result = subprocess.run('"%s" --help | head -1' % script(name), shell=True, cwd=str(tmp_path),
+                            capture_output=True, text=True, timeout=30)
+    assert result.stdout.startswith('This is "%s"' % name)
+    assert result.stderr == ''
+
+
+@pytest.mark.parametrize('name', PROGRAMS)
+def test_help_lists_every_option_and_the_exit_codes(tmp_path, name):
+    text = run_in(tmp_path, name, '--help').stdout
+    assert '-c<directory>' in text and 'Exit codes' in text
+    if name in ('bots-jobqueueserver', 'bots-dirmonitor'):
+        for sig in ('SIGTERM', 'SIGINT', 'SIGHUP'):
+            assert sig in text
+
+
+def test_a_refused_second_server_leaves_nothing_behind(server, tmp_path):
+    """A second server on a taken port: one line, and no lock file or log in its directory."""
+    other = tmp_path / 'other'
+    (other / 'config').mkdir(parents=True)
+    with open(os.path.join(server.configdir, 'bots.ini')) as handle:
+        ini = handle.read()
+    (other / 'config' / 'bots.ini').write_text(ini)
+    one_error_line(run_in(other, 'bots-jobqueueserver'), 'cannot listen on 127.0.0.1 port %d' % server.port)
+    assert not (other / 'botssys').exists()
+
+
+def test_a_priority_change_is_logged_as_one(server):
+    proxy = server.proxy()
+    proxy.addjob(server.engine('blocker', '--sleep=5'), 1)
+    wait_until(lambda: server.runs('start'), message='the blocker to start')
+    task = server.engine('waiting')
+    assert proxy.addjob(task, 5) == 0
+    assert proxy.addjob(task, 2) == 0
+    assert 'Priority of waiting job 2 changed from 5 to 2' in server.log()
+    assert server.log().count('Added job 2') == 1
+
+
+def test_sighup_reloads_the_server(environment, tmp_path):
+    """SIGHUP re-reads bots.ini (as it does for the dirmonitor): a program allowed afterwards
+    runs; a broken bots.ini is logged and the one in use kept; the server never stops."""
+    program = tmp_path / 'allowed-later'
+    program.write_text('#!/bin/sh\necho later\n')
+    program.chmod(0o755)
+    environment.start_server()
+    proxy = environment.proxy()
+    assert proxy.addjob([str(program)], 5) == 3
+    environment.write_ini(jobqueue='authorized_tasks = %s' % program)
+    environment.server.send_signal(signal.SIGHUP)
+    wait_until(lambda: 'configuration reloaded' in environment.log(), message='the reload')
+    assert proxy.addjob([str(program)], 5) == 0
+    with open(os.path.join(environment.configdir, 'bots.ini'), 'a') as handle:
+        handle.write('this is not ini\n')
+    environment.server.send_signal(signal.SIGHUP)
+    wait_until(lambda: 'Reload refused; the configuration in use is kept.' in environment.log(),
+               message='the refused reload')
+    assert environment.server.poll() is None
+    assert proxy.addjob([str(program), 'again'], 5) == 0        # still allowed: the old one is kept
+
+
+def test_a_second_stop_signal_stops_running_jobs_at_once(environment):
+    """Ctrl-C while a job runs: the server says what it waits for and for how long; a second
+    Ctrl-C stops the job now, and it is kept for the next start."""
+    environment.write_ini(jobqueue='shutdown_grace = 120')
+    environment.start_server()
+    environment.proxy().addjob(environment.engine('long', '--sleep=60'), 5)
+    wait_until(lambda: environment.runs('start'), message='the job to start')
+    environment.server.send_signal(signal.SIGINT)
+    wait_until(lambda: 'Waiting up to 120 seconds for running job(s) 1 to finish; stop again (Ctrl-C, SIGTERM) '
+               'to stop them now' in environment.log(), message='the waiting line')
+    started = time.monotonic()
+    environment.server.send_signal(signal.SIGINT)
+    assert environment.server.wait(30) == 0
+    assert time.monotonic() - started < 15
+    assert 'Asked to stop again: stopping running job(s) 1 now.' in environment.log()
+    environment.start_server()
+    assert environment.proxy().showjob(1)['state'] in ('waiting', 'starting', 'running')
