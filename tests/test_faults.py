@@ -54,6 +54,8 @@ def test_shutdown_gives_an_adopted_job_its_grace(environment):
     assert [run['argv'][0] for run in environment.runs()] == ['adopted']     # it ended by itself
     assert 'Waiting up to 30 seconds for running job(s) 1 to finish; stop again' in environment.log()
     assert 'Stopping job 1' not in environment.log()
+    assert re.search(r'INFO     : Finished job 1, elapsed time \S+; it ran on from before the restart, so its '
+                     r'exit code cannot be known', environment.log())
     environment.start_server()
     proxy = environment.proxy()
     assert proxy.listjobs() == [] and proxy.status()['running'] == []

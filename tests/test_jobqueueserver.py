@@ -250,8 +250,11 @@ def test_finished_jobs_are_logged_with_exit_code_and_output(server):
     assert 'INFO     : Finished job 1, elapsed time 0:00:00, exit code 0' in log
     assert 'WARNING  : Finished job 2, elapsed time 0:00:00, exit code 2' in log
     assert 'ERROR    : Finished job 3, elapsed time 0:00:00, exit code 1' in log
-    assert 'fake engine started: errors --exit=2' in log
+    assert 'Output of job 2:\n2| fake engine started: errors --exit=2\n2| fake engine done\n' in log
     assert 'fake engine done' in log                     # stderr is captured too
+    started = [line for line in log.splitlines() if 'Starting job 2: ' in line]
+    added = [line for line in log.splitlines() if 'Added job 2, ' in line]
+    assert started[0].split('Starting job 2: ')[1] == added[0].split(': ', 2)[2]    # the same task, written alike
 
 
 def test_log_format_is_bots_format(server):

@@ -7,7 +7,7 @@ import logging
 import logging.handlers
 import os
 
-from .configuration import ConfigError, bots_version
+from .configuration import BUNDLED_CONFIG, ConfigError, bots_version
 
 STARTINFO = 25
 logging.addLevelName(STARTINFO, 'STARTINFO')
@@ -71,3 +71,7 @@ def log_installation(environment, logger, program):
     else:
         logger.log(STARTINFO, '%s runs standalone (no Bots in this Python); botssys: "%s".', program,
                    environment.botssys)
+    if os.path.normcase(environment.configdir) == os.path.normcase(BUNDLED_CONFIG):
+        logger.log(STARTINFO, '%s uses the bundled configuration, inside the installed package (there is no '
+                   'config/ here).  To change it, copy that directory to config/ where you start the programs, '
+                   'and edit the copy.', program)

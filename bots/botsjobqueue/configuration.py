@@ -234,12 +234,17 @@ class Environment:
     @functools.cached_property
     def botsengine_path(self):
         """The configured engine; by default ``bots-engine`` or ``bots-engine.py``, whichever is
-        installed beside the configured Python, beside this program or on the PATH."""
+        installed beside the configured Python, beside this program or on the PATH.  A bare
+        configured name is looked for in the same places."""
         import shutil
         configured = self.ini.get('settings', 'botsengine_path', '')
-        if configured:
-            return configured
         here = os.path.dirname(os.path.abspath(sys.argv[0]))
+        if configured:
+            if os.sep in configured or (os.altsep and os.altsep in configured):
+                return configured
+            # A bare name is looked for where the default is: the job sent is [python, engine],
+            # and Python opens its script by path, not on the PATH.
+            return find_program(configured, self.engine_dirs + [here]) or shutil.which(configured) or configured
         for name in ENGINE_NAMES:
             found = find_program(name, self.engine_dirs + [here])
             if found:

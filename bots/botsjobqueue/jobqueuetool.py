@@ -38,7 +38,7 @@ def when(timestamp):
 
 
 def duration(seconds):
-    return str(datetime.timedelta(seconds=int(seconds))) if seconds is not None else '-'
+    return str(datetime.timedelta(seconds=int(round(seconds)))) if seconds is not None else '-'
 
 
 def task_text(task):

@@ -582,7 +582,7 @@ class Launcher:
                     self._between.pop(job.jobnumber, None)
                 self._log_ends(ended)
                 if started:
-                    self.logger.info('Starting job %s: %s', job.jobnumber, job.task)
+                    self.logger.info('Starting job %s: %s', job.jobnumber, list(job.task))
                 self._collect_outputs(ended, wait=False)
                 if started:
                     end = self._wait(job, *started)
@@ -724,9 +724,9 @@ class Launcher:
 
     # ---- what happens after a job
     def _cannot_start(self, job, started, reason):
-        self.logger.error('Error starting job %s: %s\n    task: %s', job.jobnumber, reason, job.task)
+        self.logger.error('Error starting job %s: %s\n    task: %s', job.jobnumber, reason, list(job.task))
         self.reporter.report('[Bots Job Queue] - Error starting job',
-                             'Error starting job %s:\n    %s\n\n%s' % (job.jobnumber, job.task, reason))
+                             'Error starting job %s:\n    %s\n\n%s' % (job.jobnumber, list(job.task), reason))
         self.store.finish(job, started, time.time(), None, 'cannot start', reason)
 
     def _maxruntime_exceeded(self, running):
@@ -736,7 +736,7 @@ class Launcher:
                           '; it is stopped.' if self.settings.killjobsintimeout else '.')
         self.reporter.report('[Bots Job Queue] - Job exceeded maximum runtime',
                              'Job %s exceeded maxruntime of %s minutes:\n    %s%s'
-                             % (job.jobnumber, self.settings.maxruntime, job.task,
+                             % (job.jobnumber, self.settings.maxruntime, list(job.task),
                                 '\n\nThe job is stopped (killjobsintimeout = True).'
                                 if self.settings.killjobsintimeout else ''))
         if self.settings.killjobsintimeout:
@@ -764,7 +764,7 @@ class Launcher:
                 self.reporter.report('[Bots Job Queue] - Engine database stays locked',
                                      'Job %s ended %d times in a row with "database locked" (exit code 3):\n'
                                      '    %s\nIs a bots-engine running outside the job queue?'
-                                     % (job.jobnumber, job.locked, job.task))
+                                     % (job.jobnumber, job.locked, list(job.task)))
             self.queue.wait_again(job, self.settings.locked_retry_delay)
         else:
             end.leaves_queue = True
@@ -781,9 +781,14 @@ class Launcher:
             if not end.logged:
                 end.logged = True
                 exitcode = end.exitcode
+                if exitcode is None:
+                    # A job adopted after a restart: not our child, so its exit code is not ours to know.
+                    self.logger.info('Finished job %s, elapsed time %s; it ran on from before the restart, '
+                                     'so its exit code cannot be known.',
+                                     end.job.jobnumber, elapsed(end.ended - end.started))
+                    continue
                 self.logger.log(logging_level(exitcode), 'Finished job %s, elapsed time %s, exit code %s',
-                                end.job.jobnumber, elapsed(end.ended - end.started),
-                                'unknown' if exitcode is None else exitcode)
+                                end.job.jobnumber, elapsed(end.ended - end.started), exitcode)
 
     def _collect_outputs(self, ends, wait):
         """Collect the outputs whose capture process is done; with ``wait`` all of them.
@@ -826,13 +831,16 @@ class Launcher:
             self.logger.warning('The output of job %s could not be kept: %s', job.jobnumber, error)
             output = '[the output could not be kept: %s]' % error
         if output:
-            self.logger.info('Output of job %s:\n%s', job.jobnumber, output.rstrip('\n'))
+            # Each line carries its job's number, so that outputs stay apart in a search of the log.
+            prefix = '%s| ' % job.jobnumber
+            self.logger.info('Output of job %s:\n%s%s', job.jobnumber, prefix,
+                             output.rstrip('\n').replace('\n', '\n' + prefix))
         if end.leaves_queue:
             self.store.record(job, end.started, end.ended, exitcode, end.status, output)
             if exitcode == ENGINE_SYSTEM_ERROR or (exitcode is not None and exitcode < 0):
                 self.reporter.report('[Bots Job Queue] - Job ended with errors',
                                      'Job %s ended with exit code %s after %s:\n    %s\n\nOutput:\n%s'
-                                     % (job.jobnumber, exitcode, elapsed(end.ended - end.started), job.task,
+                                     % (job.jobnumber, exitcode, elapsed(end.ended - end.started), list(job.task),
                                         output))
         if end.output_file:
             try:
