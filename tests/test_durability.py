@@ -106,6 +106,22 @@ def test_engine_exit_code_3_is_queued_again(environment, tmp_path):
     assert 'database is locked by another run; queued again in 0.5 seconds' in environment.log()
     history = wait_until(lambda: proxy.history(10), message='the history')
     assert len(history) == 1 and history[0]['exitcode'] == 0
+    assert [attempt['exitcode'] for attempt in history[0]['attempts']] == [3]      # both runs are kept
+    shown = environment.run('bots-jobqueue', '-c' + environment.configdir, 'history')
+    assert 'ok (run 2)' in shown.stdout
+
+
+def test_a_delayed_job_shows_when_it_is_retried(environment):
+    environment.write_ini(jobqueue='locked_retry_delay = 30')
+    environment.start_server()
+    proxy = environment.proxy()
+    proxy.addjob(environment.engine('locked', '--exit=3'), 5)
+    wait_until(lambda: proxy.status()['retry_at'], message='the job to wait for its retry')
+    status = proxy.status()
+    assert status['running'] == [] and [job[1] for job in status['waiting']] == [1]
+    assert 25 < status['retry_at']['1'] - time.time() <= 30
+    shown = environment.run('bots-jobqueue', '-c' + environment.configdir, 'status')
+    assert '(engine database was locked; retried at ' in shown.stdout
 
 
 def test_delayed_job_survives_a_restart(environment, tmp_path):

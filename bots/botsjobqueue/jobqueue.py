@@ -120,6 +120,11 @@ class JobQueue:
                 jobs.extend(job for job, _ in sorted(self._delayed.values(), key=lambda d: d[0].jobnumber))
             return jobs[:count]
 
+    def retry_times(self):
+        """When each delayed job waits again: ``{jobnumber: time}``."""
+        with self._lock:
+            return {jobnumber: timer.retry_at for jobnumber, (_, timer) in self._delayed.items()}
+
     def get(self, jobnumber):
         """The waiting (or delayed) job with this number, or None."""
         with self._lock:
@@ -250,6 +255,7 @@ class JobQueue:
     def _delay(self, job, seconds):
         timer = threading.Timer(seconds, self._undelay, (job.jobnumber,))
         timer.daemon = True
+        timer.retry_at = time.time() + seconds
         self._delayed[job.jobnumber] = (job, timer)
         timer.start()
 

@@ -55,10 +55,13 @@ def print_status(answer):
             print('  %-6s %-8s %-10s %s' % (job['jobnumber'], job['pid'], duration(job['running_for']),
                                              task_text(job['task'])))
     print('Waiting (%d):' % answer['waiting_count'])
+    retry_at = answer.get('retry_at', {})
     if waiting:
         print('  %-6s %-4s %s' % ('JOB', 'PRIO', 'TASK'))
         for priority, jobnumber, task in waiting:
-            print('  %-6s %-4s %s' % (jobnumber, priority, task_text(task)))
+            retry = retry_at.get(str(jobnumber))
+            print('  %-6s %-4s %s%s' % (jobnumber, priority, task_text(task),
+                                       '  (engine database was locked; retried at %s)' % when(retry) if retry else ''))
     if more > 0:
         print('  ... and %d more (bots-jobqueue status --all)' % more)
 
@@ -69,7 +72,13 @@ def print_history(records):
         took = record['ended'] - record['started'] if 'ended' in record and 'started' in record else None
         print('%-6s %-4s %-19s %-9s %-6s %-12s %s' % (
             record['jobnumber'], record['priority'], when(record.get('started')), duration(took),
-            record.get('exitcode', '-'), record['status'], task_text(record['task'])))
+            record.get('exitcode', '-'), tries(record), task_text(record['task'])))
+
+
+def tries(record):
+    """The status of a finished job, with the number of its runs when it ran more than once."""
+    runs = len(record.get('attempts', ())) + 1
+    return record['status'] if runs == 1 else '%s (run %d)' % (record['status'], runs)
 
 
 def print_job(job):
@@ -80,6 +89,9 @@ def print_job(job):
     for key in ('started', 'ended'):
         if key in job:
             print('%-10s %s' % (key + ':', when(job[key])))
+    for attempt in job.get('attempts', ()):
+        print('%-10s %s, exit code %s (queued again)' % ('earlier:', when(attempt.get('started')),
+                                                         attempt.get('exitcode', '-')))
     if job.get('output'):
         print('output:')
         print(job['output'].rstrip('\n'))

@@ -760,6 +760,10 @@ class Launcher:
             job.locked += 1
             self.logger.warning('Job %s: the engine database is locked by another run; queued again in %s seconds.',
                                 job.jobnumber, self.settings.locked_retry_delay)
+            try:
+                self.store.add_attempt(job.jobnumber, end.started, end.ended, exitcode)
+            except (sqlite3.Error, OSError) as exc:      # a lost note of an attempt stops nothing
+                self.logger.error('The run of job %s could not be kept in the history: %s', job.jobnumber, exc)
             if job.locked == self.settings.locked_report_after:
                 self.reporter.report('[Bots Job Queue] - Engine database stays locked',
                                      'Job %s ended %d times in a row with "database locked" (exit code 3):\n'

@@ -134,15 +134,18 @@ class JobQueueService:
 
     # ---- operators
     def status(self, limit=100):
-        """``{'running': [...], 'waiting': [first `limit` of listjobs()], 'waiting_count': n}``;
-        fewer waiting jobs than ``limit`` when their tasks would make the answer too large."""
+        """``{'running': [...], 'waiting': [first `limit` of listjobs()], 'waiting_count': n,
+        'retry_at': {jobnumber: time}}``; fewer waiting jobs than ``limit`` when their tasks would
+        make the answer too large.  ``retry_at`` gives when each delayed job waits again."""
         if type(limit) is not int or limit < 0:
             raise xmlrpc.client.Fault(1, 'limit should be a whole number, 0 or more')
         running = self._launcher.status()
         budget = ANSWER_BUDGET - sum(task_size(job['task']) for job in running)
+        # Delayed jobs (the engine found its database locked) come last, each with its retry time.
         return {'running': running, 'waiting_count': len(self._queue),
                 'waiting': [job.as_list() for job in bounded(self._queue.first(limit),
-                                                             lambda job: task_size(job.task), budget)]}
+                                                             lambda job: task_size(job.task), budget)],
+                'retry_at': {str(number): when for number, when in self._queue.retry_times().items()}}
 
     def history(self, limit=20):
         """The newest finished jobs, newest first (fewer when their outputs would make the

@@ -39,6 +39,13 @@ CREATE TABLE IF NOT EXISTS history (
     status      TEXT NOT NULL,
     output      TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS attempt (               -- earlier runs of a job that was queued again
+    jobnumber   INTEGER NOT NULL,
+    started     REAL,
+    ended       REAL,
+    exitcode    INTEGER
+);
+CREATE INDEX IF NOT EXISTS attempt_jobnumber ON attempt (jobnumber);
 '''
 
 
@@ -148,6 +155,10 @@ class Store:
                   'relay_pid = NULL, output = NULL WHERE jobnumber = ?',
                   (state, not_before, requeued, locked, jobnumber))
 
+    def add_attempt(self, jobnumber, started, ended, exitcode):
+        """Keep a run of a job that goes back to the queue (the engine found its database locked)."""
+        self._run('INSERT INTO attempt VALUES (?, ?, ?, ?)', (jobnumber, started, ended, exitcode))
+
     # ---- running jobs
     def set_running(self, jobnumber, done=None, runner=None):
         """Mark a job running (by ``runner``); remove job ``done`` (ended) in the same transaction."""
@@ -195,22 +206,38 @@ class Store:
         if self._finished % 50 == 0:     # trimming now and then keeps each record cheap
             self._db.execute('DELETE FROM history WHERE jobnumber <= (SELECT jobnumber FROM history '
                              'ORDER BY jobnumber DESC LIMIT 1 OFFSET ?)', (self.history_size,))
+            self._db.execute('DELETE FROM attempt WHERE jobnumber NOT IN (SELECT jobnumber FROM history) '
+                             'AND jobnumber NOT IN (SELECT jobnumber FROM job)')
 
     def history(self, limit=20):
         """The newest finished jobs (at most ``history_size``), newest first, as dicts."""
         with self._lock:
             rows = self._db.execute('SELECT %s FROM history ORDER BY jobnumber DESC LIMIT ?'
                                     % ', '.join(HISTORY_COLUMNS), (min(limit, self.history_size),)).fetchall()
-        return [_history_dict(row) for row in rows]
+            attempts = self._attempts([row[0] for row in rows])
+        return [_history_dict(row, attempts) for row in rows]
+
+    def _attempts(self, jobnumbers):
+        """(With the lock held.)  The earlier runs of these jobs: ``{jobnumber: [run, ...]}``."""
+        found = collections.defaultdict(list)
+        if jobnumbers:
+            for number, started, ended, exitcode in self._db.execute(
+                    'SELECT jobnumber, started, ended, exitcode FROM attempt WHERE jobnumber BETWEEN ? AND ? '
+                    'ORDER BY rowid', (min(jobnumbers), max(jobnumbers))):
+                found[number].append({'started': started, 'ended': ended, 'exitcode': exitcode})
+        return found
 
     def finished(self, jobnumber):
         with self._lock:
             row = self._db.execute('SELECT %s FROM history WHERE jobnumber = ?' % ', '.join(HISTORY_COLUMNS),
                                    (jobnumber,)).fetchone()
-        return _history_dict(row) if row else None
+            attempts = self._attempts([jobnumber]) if row else {}
+        return _history_dict(row, attempts) if row else None
 
 
-def _history_dict(row):
+def _history_dict(row, attempts):
     record = dict(zip(HISTORY_COLUMNS, row))
     record['task'] = json.loads(record['task'])
+    if record['jobnumber'] in attempts:
+        record['attempts'] = attempts[record['jobnumber']]
     return record
