@@ -420,7 +420,7 @@ def warn_refused(environment, settings, logger):
                            watch.section, watch.task)
 
 
-def ask_reload(settings):
+def ask_reload(environment, settings):
     """``--reload``: write "reload" into the trigger file that the running monitor watches."""
     try:
         os.makedirs(os.path.dirname(settings.trigger), exist_ok=True)
@@ -429,7 +429,8 @@ def ask_reload(settings):
     except OSError as exc:
         raise configuration.ConfigError('Error: cannot write the trigger file %s: %s'
                                         % (settings.trigger, exc.strerror or exc))
-    print('Reload asked for: bots-dirmonitor re-reads its configuration (%s).' % settings.trigger)
+    print('Reload asked for: the bots-dirmonitor of "%s" re-reads it (trigger file %s).'
+          % (environment.configdir, settings.trigger))
 
 
 def parse_args(argv, name):
@@ -498,7 +499,7 @@ def start():
         configdir, reload = parse_args(sys.argv[1:], name)
         environment, settings = load(configdir)
         if reload:
-            ask_reload(settings)
+            ask_reload(environment, settings)
             sys.exit(0)
         logger = botslog.init(environment, 'dirmonitor')
     except configuration.ConfigError as exc:

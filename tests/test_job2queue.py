@@ -130,17 +130,20 @@ def test_client_api(server):
     assert send_job_to_jobqueue(server.engine('api'), port=server.port) == 1
 
 
-def test_default_config_is_the_bundled_one(tmp_path):
+def test_without_config_here_the_bundled_configuration_is_read(tmp_path):
     """Started from a directory without config/, the programs read the bundled bots.ini (which
     enables the queue) and keep botssys in the working directory.  ``bots-dirmonitor --reload``
-    shows both without contacting any server."""
+    shows both without contacting any server (a server of the bundled configuration would use
+    port 28082, which may be someone's)."""
     from conftest import script
     import subprocess
+    from bots.botsjobqueue.configuration import BUNDLED_CONFIG
     result = subprocess.run([script('bots-dirmonitor'), '--reload'], cwd=str(tmp_path),
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     trigger = tmp_path / 'botssys' / '.dirmonitor.trigger'
-    assert str(trigger) in result.stdout
+    assert result.stdout.strip() == ('Reload asked for: the bots-dirmonitor of "%s" re-reads it (trigger file %s).'
+                                     % (BUNDLED_CONFIG, trigger))
     assert trigger.read_text() == 'reload'
 
 
