@@ -137,13 +137,18 @@ def test_without_config_here_the_bundled_configuration_is_read(tmp_path):
     port 28082, which may be someone's)."""
     from conftest import script
     import subprocess
-    from bots.botsjobqueue.configuration import BUNDLED_CONFIG
+    import re
     result = subprocess.run([script('bots-dirmonitor'), '--reload'], cwd=str(tmp_path),
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     trigger = tmp_path / 'botssys' / '.dirmonitor.trigger'
-    assert result.stdout.strip() == ('Reload asked for: the bots-dirmonitor of "%s" re-reads it (trigger file %s).'
-                                     % (BUNDLED_CONFIG, trigger))
+    # The installed package's own copy (site-packages, not this checkout).
+    configdir = re.match(r'Reload asked for: the bots-dirmonitor of "(.+)" re-reads it \(trigger file (.+)\)\.$',
+                         result.stdout.strip())
+    assert configdir, result.stdout
+    assert configdir.group(1).endswith(os.path.join('bots', 'botsjobqueue', 'config'))
+    assert os.path.isfile(os.path.join(configdir.group(1), 'bots.ini'))
+    assert configdir.group(2) == str(trigger)
     assert trigger.read_text() == 'reload'
 
 
