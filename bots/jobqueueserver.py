@@ -16,6 +16,7 @@ from .botsjobqueue.jobqueue import Job, JobQueue, canonical_task
 from .botsjobqueue.launcher import Launcher, LaunchSettings
 from .botsjobqueue.report import Reporter, read_mail_settings
 from .botsjobqueue.rpc import JobQueueRPCServer, JobQueueService, RPCSettings, listen
+from .botsjobqueue.schedule import Scheduler, read_schedules
 from .botsjobqueue.signals import Signals
 from .botsjobqueue.store import DamagedStore, Store
 
@@ -90,11 +91,12 @@ def restore_queue(store, queue, launcher, logger):
 class Parts:
     """The parts of a running server that a reload changes."""
 
-    def __init__(self, environment, server, service, launcher, logger):
+    def __init__(self, environment, server, service, launcher, scheduler, logger):
         self.environment = environment
         self.server = server
         self.service = service
         self.launcher = launcher
+        self.scheduler = scheduler
         self.logger = logger
 
 
@@ -114,6 +116,7 @@ def reload(parts):
         launch_settings = LaunchSettings(new)
         new.ini.getfloat('jobqueue', 'shutdown_grace', 60)
         authorizer = Authorizer.for_environment(new)
+        schedules = read_schedules(new)
     except configuration.ConfigError as exc:
         logger.error('Reload refused; the configuration in use is kept. %s', exc)
         return
@@ -126,10 +129,18 @@ def reload(parts):
     parts.server.settings = parts.service._settings = rpc_settings
     parts.launcher.settings = launch_settings
     parts.service._authorizer = parts.launcher.authorizer = authorizer
+    parts.scheduler.replace(schedules)
     parts.environment = new
     logger.log(botslog.STARTINFO, 'Bots jobqueue configuration reloaded from "%s".', new.configdir)
     for problem in authorizer.problems:
         logger.warning(problem)
+
+
+def next_schedule_text(scheduler):
+    upcoming = sorted((when, name) for name, when in scheduler.next_times().items())
+    if not upcoming:
+        return 'none (all disabled)'
+    return '[%s] at %s' % (upcoming[0][1], time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(upcoming[0][0])))
 
 
 def shut_down(parts, signals):
@@ -137,6 +148,7 @@ def shut_down(parts, signals):
     short); stop what still runs and keep it for the next start."""
     logger, launcher = parts.logger, parts.launcher
     logger.log(botslog.STARTINFO, 'Bots jobqueue stops: no new jobs are accepted.')
+    parts.scheduler.stop()
     parts.server.shutdown()
     parts.server.server_close()
     launcher.close()
@@ -164,6 +176,7 @@ def serve(environment, signals):
     """Run the server until a signal asks it to stop.  Raises ConfigError when it cannot start."""
     ini = environment.ini
     rpc_settings = RPCSettings(environment)
+    schedules = read_schedules(environment)
     try:
         # First of all: a second server refused here leaves nothing behind (no lock, no log).
         listener = listen(rpc_settings)
@@ -202,8 +215,15 @@ def serve(environment, signals):
         logger.log(botslog.STARTINFO, 'Restored %d stored job(s); %d waiting.', count, len(queue))
     service = JobQueueService(queue, launcher, store, authorizer, rpc_settings, logger)
     server.register_instance(service)
-    parts = Parts(environment, server, service, launcher, logger)
+    scheduler = Scheduler(schedules, store, lambda schedule: service.add(schedule.task, schedule.priority,
+                                                                        schedule.name), logger)
+    service.scheduler = scheduler
+    if schedules:
+        logger.log(botslog.STARTINFO, 'Bots jobqueue runs %d schedule(s); the next: %s.', len(schedules),
+                   next_schedule_text(scheduler))
+    parts = Parts(environment, server, service, launcher, scheduler, logger)
     launcher.start()
+    scheduler.start()
     threading.Thread(target=server.serve_forever, name='rpc', daemon=True).start()
     while signals.next() == 'reload':
         reload(parts)

@@ -16,6 +16,7 @@ Usage:
     %(name)s [-c<directory>] [--json] [--all] status  running jobs, the first 100 waiting (--all: every one)
     %(name)s [-c<directory>] [--json] history [N]   the last N finished jobs (default 20)
     %(name)s [-c<directory>] [--json] show N        one job, with its output when finished
+    %(name)s [-c<directory>] [--json] schedules     the [scheduleN] sections: next and last run
     %(name)s [-c<directory>] remove N               remove waiting job N
     %(name)s [-c<directory>] clear                  remove all waiting jobs
 Exit codes: 0 done; 1 cannot contact the server, or bad usage; 2 no such job.
@@ -64,6 +65,23 @@ def print_status(answer):
                                        '  (engine database was locked; retried at %s)' % when(retry) if retry else ''))
     if more > 0:
         print('  ... and %d more (bots-jobqueue status --all)' % more)
+    upcoming = answer.get('next_schedule')
+    if upcoming:
+        print('Next scheduled run: [%s] at %s' % (upcoming['schedule'], when(upcoming['at'])))
+
+
+def print_schedules(schedules):
+    if not schedules:
+        print('No schedules: add [scheduleN] sections to bots.ini.')
+        return
+    print('%-14s %-16s %-19s %-19s %-22s %s' % ('SCHEDULE', 'WHEN', 'NEXT RUN', 'LAST RUN', 'LAST RESULT', 'TASK'))
+    for entry in schedules:
+        last = entry.get('last_result', '-')
+        if 'last_job' in entry:
+            last = 'job %s: %s' % (entry['last_job'], last)
+        print('%-14s %-16s %-19s %-19s %-22s %s' % (
+            entry['schedule'], entry['when'], when(entry.get('next_run')) if entry['enabled'] else 'disabled',
+            when(entry.get('last_run')), last, task_text(entry['task'])))
 
 
 def print_history(records):
@@ -82,7 +100,7 @@ def tries(record):
 
 
 def print_job(job):
-    for key in ('jobnumber', 'state', 'priority', 'pid', 'status', 'exitcode'):
+    for key in ('jobnumber', 'state', 'priority', 'schedule', 'pid', 'status', 'exitcode'):
         if key in job:
             print('%-10s %s' % (key + ':', job[key]))
     print('%-10s %s' % ('task:', task_text(job['task'])))
@@ -99,7 +117,7 @@ def print_job(job):
 
 # command: (how many numbers it takes at least, at most, what they are)
 COMMANDS = {'status': (0, 0, ''), 'history': (0, 1, '[N]'), 'show': (1, 1, 'N'), 'remove': (1, 1, 'N'),
-            'clear': (0, 0, '')}
+            'clear': (0, 0, ''), 'schedules': (0, 0, '')}
 
 
 def parse_args(args, name):
@@ -179,6 +197,10 @@ def run(client, command, numbers, as_json, name, show_all=False):
         if show_all:
             answer['waiting'] = all_waiting(client)
         print(json.dumps(answer, indent=2)) if as_json else print_status(answer)
+        return 0
+    if command == 'schedules':
+        schedules = client.call('schedules')
+        print(json.dumps(schedules, indent=2)) if as_json else print_schedules(schedules)
         return 0
     if command == 'history' and len(numbers) <= 1:
         records = client.call('history', numbers[0] if numbers else 20)

@@ -85,7 +85,8 @@ def check_priority(priority):
 class JobQueueService:
     """The methods clients call.  Each returns what Bots' clients expect."""
 
-    def __init__(self, queue, launcher, store, authorizer, settings, logger):
+    def __init__(self, queue, launcher, store, authorizer, settings, logger, scheduler=None):
+        self.scheduler = scheduler
         self._queue = queue
         self._launcher = launcher
         self._store = store
@@ -98,23 +99,31 @@ class JobQueueService:
         """Queue ``task`` (argv list) at ``priority`` 1..9.  0 added, 2 no task, 3 not authorized, 4 duplicate."""
         check_task(task, self._settings.max_task_size, self._settings.max_task_args)
         check_priority(priority)
-        if not task:
-            self._logger.info('No task to add.')
-            return jobqueue.NO_TASK
         if task == ISUP_TASK:
             return 0
+        return self.add(task, priority)[0]
+
+    def add(self, task, priority, schedule=None):
+        """Queue a checked task; ``(code, jobnumber)`` (jobnumber None when nothing was queued).
+        ``schedule``: the name of the schedule that fired it, for the log and the history."""
+        origin = '' if schedule is None else ' (schedule [%s])' % schedule
+        if not task:
+            self._logger.info('No task to add%s.', origin)
+            return jobqueue.NO_TASK, None
         if not self._authorizer.allows(task):
-            self._logger.warning('Refused job, not an authorized task: %s', task)
-            return jobqueue.NOT_AUTHORIZED
+            self._logger.warning('Refused job%s, not an authorized task: %s', origin, task)
+            return jobqueue.NOT_AUTHORIZED, None
         code, jobnumber, previous = self._queue.add(task, priority)
         if code == jobqueue.DUPLICATE:
-            self._logger.info('Duplicate job not added: %s', task)
+            self._logger.info('Duplicate job%s not added: %s', origin, task)
         elif previous is not None:
-            self._logger.info('Priority of waiting job %s changed from %s to %s: %s',
-                              jobnumber, previous, priority, task)
+            self._logger.info('Priority of waiting job %s changed from %s to %s%s: %s',
+                              jobnumber, previous, priority, origin, task)
         else:
-            self._logger.info('Added job %s, priority %s: %s', jobnumber, priority, task)
-        return code
+            if schedule is not None:
+                self._store.set_scheduled(jobnumber, schedule)
+            self._logger.info('Added job %s, priority %s%s: %s', jobnumber, priority, origin, task)
+        return code, jobnumber
 
     def listjobs(self, offset=0):
         """The waiting jobs in launch order, each ``[priority, jobnumber, task]``.
@@ -142,10 +151,42 @@ class JobQueueService:
         running = self._launcher.status()
         budget = ANSWER_BUDGET - sum(task_size(job['task']) for job in running)
         # Delayed jobs (the engine found its database locked) come last, each with its retry time.
-        return {'running': running, 'waiting_count': len(self._queue),
-                'waiting': [job.as_list() for job in bounded(self._queue.first(limit),
-                                                             lambda job: task_size(job.task), budget)],
-                'retry_at': {str(number): when for number, when in self._queue.retry_times().items()}}
+        answer = {'running': running, 'waiting_count': len(self._queue),
+                  'waiting': [job.as_list() for job in bounded(self._queue.first(limit),
+                                                               lambda job: task_size(job.task), budget)],
+                  'retry_at': {str(number): when for number, when in self._queue.retry_times().items()}}
+        upcoming = sorted((when, name) for name, when in self._next_schedules().items())
+        if upcoming:
+            answer['next_schedule'] = {'schedule': upcoming[0][1], 'at': upcoming[0][0]}
+        return answer
+
+    def _next_schedules(self):
+        return self.scheduler.next_times() if self.scheduler is not None else {}
+
+    def schedules(self):
+        """Each ``[scheduleN]`` of bots.ini: section, when, task, priority, enabled, next and last
+        run, and the job it last queued with its state or result."""
+        if self.scheduler is None:
+            return []
+        upcoming = self._next_schedules()
+        answer = []
+        for name, schedule in sorted(self.scheduler.schedules.items()):
+            entry = {'schedule': name, 'when': schedule.when, 'task': list(schedule.task),
+                     'priority': schedule.priority, 'enabled': schedule.enabled, 'timezone': str(schedule.tz),
+                     'catchup': schedule.catchup}
+            if name in upcoming:
+                entry['next_run'] = upcoming[name]
+            last = self._store.last_fired(name)
+            if last is not None:
+                entry['last_run'] = last
+                jobnumber = self._store.last_job(name)
+                if jobnumber is not None:
+                    entry['last_job'] = jobnumber
+                    job = self.showjob(jobnumber)
+                    entry['last_result'] = (job.get('state', 'unknown') if job.get('state') != 'finished' else
+                                            '%s, exit code %s' % (job.get('status'), job.get('exitcode', '-')))
+            answer.append(entry)
+        return answer
 
     def history(self, limit=20):
         """The newest finished jobs, newest first (fewer when their outputs would make the

@@ -46,6 +46,15 @@ CREATE TABLE IF NOT EXISTS attempt (               -- earlier runs of a job that
     exitcode    INTEGER
 );
 CREATE INDEX IF NOT EXISTS attempt_jobnumber ON attempt (jobnumber);
+CREATE TABLE IF NOT EXISTS schedule (              -- when each [scheduleN] last fired
+    name        TEXT PRIMARY KEY,
+    fired       REAL NOT NULL,
+    jobnumber   INTEGER
+);
+CREATE TABLE IF NOT EXISTS scheduled (             -- jobs queued by a schedule
+    jobnumber   INTEGER PRIMARY KEY,
+    schedule    TEXT NOT NULL
+);
 '''
 
 
@@ -159,6 +168,23 @@ class Store:
         """Keep a run of a job that goes back to the queue (the engine found its database locked)."""
         self._run('INSERT INTO attempt VALUES (?, ?, ?, ?)', (jobnumber, started, ended, exitcode))
 
+    # ---- schedules
+    def last_fired(self, name):
+        """When schedule ``name`` last fired (a timestamp), or None."""
+        row = self._run('SELECT fired FROM schedule WHERE name = ?', (name,)).fetchone()
+        return row[0] if row else None
+
+    def last_job(self, name):
+        row = self._run('SELECT jobnumber FROM schedule WHERE name = ?', (name,)).fetchone()
+        return row[0] if row else None
+
+    def set_fired(self, name, fired, jobnumber):
+        self._run('INSERT OR REPLACE INTO schedule VALUES (?, ?, ?)', (name, fired, jobnumber))
+
+    def set_scheduled(self, jobnumber, name):
+        """Job ``jobnumber`` was queued by schedule ``name`` (told in its history)."""
+        self._run('INSERT OR REPLACE INTO scheduled VALUES (?, ?)', (jobnumber, name))
+
     # ---- running jobs
     def set_running(self, jobnumber, done=None, runner=None):
         """Mark a job running (by ``runner``); remove job ``done`` (ended) in the same transaction."""
@@ -206,8 +232,9 @@ class Store:
         if self._finished % 50 == 0:     # trimming now and then keeps each record cheap
             self._db.execute('DELETE FROM history WHERE jobnumber <= (SELECT jobnumber FROM history '
                              'ORDER BY jobnumber DESC LIMIT 1 OFFSET ?)', (self.history_size,))
-            self._db.execute('DELETE FROM attempt WHERE jobnumber NOT IN (SELECT jobnumber FROM history) '
-                             'AND jobnumber NOT IN (SELECT jobnumber FROM job)')
+            for table in ('attempt', 'scheduled'):
+                self._db.execute('DELETE FROM %s WHERE jobnumber NOT IN (SELECT jobnumber FROM history) '
+                                 'AND jobnumber NOT IN (SELECT jobnumber FROM job)' % table)
 
     def history(self, limit=20):
         """The newest finished jobs (at most ``history_size``), newest first, as dicts."""
@@ -218,9 +245,13 @@ class Store:
         return [_history_dict(row, attempts) for row in rows]
 
     def _attempts(self, jobnumbers):
-        """(With the lock held.)  The earlier runs of these jobs: ``{jobnumber: [run, ...]}``."""
+        """(With the lock held.)  The earlier runs of these jobs: ``{jobnumber: [run, ...]}``, and
+        the schedule of each scheduled one: ``{('schedule', jobnumber): name}``."""
         found = collections.defaultdict(list)
         if jobnumbers:
+            for number, name in self._db.execute('SELECT jobnumber, schedule FROM scheduled WHERE jobnumber '
+                                                 'BETWEEN ? AND ?', (min(jobnumbers), max(jobnumbers))):
+                found[('schedule', number)] = name
             for number, started, ended, exitcode in self._db.execute(
                     'SELECT jobnumber, started, ended, exitcode FROM attempt WHERE jobnumber BETWEEN ? AND ? '
                     'ORDER BY rowid', (min(jobnumbers), max(jobnumbers))):
@@ -240,4 +271,6 @@ def _history_dict(row, attempts):
     record['task'] = json.loads(record['task'])
     if record['jobnumber'] in attempts:
         record['attempts'] = attempts[record['jobnumber']]
+    if ('schedule', record['jobnumber']) in attempts:
+        record['schedule'] = attempts[('schedule', record['jobnumber'])]
     return record

@@ -1,0 +1,275 @@
+"""Schedules: ``[scheduleN]`` sections of bots.ini, fired by the server itself.
+
+Each section is one recurring job.  ``when`` is a cron expression - five
+fields, or six with seconds first, or ``@hourly``, ``@daily``, ``@weekly``,
+``@monthly``, ``@yearly`` - read by cronsim, which follows Debian's cron,
+daylight-saving days included: a time in the hour that is skipped fires once
+right after the change, a time in the hour that is repeated fires once.
+
+The scheduler is one thread of the server.  It keeps the next firing time of
+every schedule in a heap, sleeps until the first one (never more than a
+second at a time, so that a clock step is noticed), and fires a schedule by
+calling ``fire`` - the server's ``addjob`` path: authorization, the duplicate
+rule, priority.  After a firing, the next time is computed from *now*: a
+clock step or a long suspend fires a schedule once, never once per missed
+time.  The time each schedule last fired is stored; at start a schedule
+whose time passed while the server was down fires once (``catchup = once``)
+or is skipped (``catchup = none``).
+"""
+import datetime
+import heapq
+import os
+import shlex
+import threading
+import time
+
+from .configuration import ConfigError
+
+ALIASES = {'@yearly': '0 0 1 1 *', '@annually': '0 0 1 1 *', '@monthly': '0 0 1 * *',
+           '@weekly': '0 0 * * 0', '@daily': '0 0 * * *', '@midnight': '0 0 * * *', '@hourly': '0 * * * *'}
+CATCHUP = ('once', 'none')
+
+
+def local_zone():
+    """The server's own time zone, with its daylight-saving rules where the system names them
+    (``TZ``, /etc/localtime); else the current UTC offset (Windows without a named zone)."""
+    import zoneinfo
+    name = os.environ.get('TZ', '').lstrip(':')
+    try:
+        if name:
+            return zoneinfo.ZoneInfo(name)
+        if os.path.exists('/etc/localtime'):
+            with open('/etc/localtime', 'rb') as handle:
+                return zoneinfo.ZoneInfo.from_file(handle, key='localtime')
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        pass
+    return datetime.datetime.now().astimezone().tzinfo
+
+
+def zone(name, where):
+    """The time zone called ``name`` (IANA, e.g. Europe/Amsterdam); '' is the server's own."""
+    if not name:
+        return local_zone()
+    import zoneinfo
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError('Error: %s timezone = "%s" is not a time zone (write e.g. Europe/Amsterdam or UTC)'
+                          % (where, name))
+
+
+def expression(when, where):
+    """The cron expression of ``when`` (aliases written out); ConfigError when it is none."""
+    from cronsim import CronSim, CronSimError
+    text = ' '.join(when.split())
+    text = ALIASES.get(text.lower(), text)
+    if not text:
+        raise ConfigError('Error: %s has no "when" (a cron expression such as "*/5 * * * *")' % where)
+    try:
+        CronSim(text, datetime.datetime(2000, 1, 1))
+    except (CronSimError, ValueError, KeyError, IndexError) as exc:
+        raise ConfigError('Error: %s when = "%s" is not a cron expression (%s); five fields "minute hour '
+                          'day month weekday", six with seconds first, or @hourly, @daily, @weekly, @monthly'
+                          % (where, when, exc or 'not understood'))
+    return text
+
+
+class Schedule:
+    """One ``[scheduleN]`` section."""
+
+    def __init__(self, name, when, task, priority, enabled, tz, catchup):
+        self.name = name
+        self.when = when
+        self.expression = expression(when, '[%s]' % name)
+        self.task = task
+        self.priority = priority
+        self.enabled = enabled
+        self.tz = tz
+        self.catchup = catchup
+
+    def next_after(self, moment):
+        """The first firing time after ``moment`` (a POSIX timestamp), as a timestamp."""
+        from cronsim import CronSim
+        start = datetime.datetime.fromtimestamp(moment, self.tz)
+        return next(CronSim(self.expression, start)).timestamp()
+
+    def same_as(self, other):
+        return (self.expression, self.task, self.priority, self.enabled, str(self.tz), self.catchup) == \
+            (other.expression, other.task, other.priority, other.enabled, str(other.tz), other.catchup)
+
+
+def read_schedules(environment):
+    """The ``[scheduleN]`` sections of bots.ini, by section name.  Raises ConfigError (one line,
+    naming the section and the value) for anything wrong."""
+    ini = environment.ini
+    where = ' (in %s)' % ini.path
+    try:
+        general_tz = ini.get('schedule', 'timezone', '').strip()
+        general_catchup = ini.get('schedule', 'catchup', 'once').strip().lower() or 'once'
+        schedules = {}
+        for section in ini.sections():
+            if not section.startswith('schedule') or section == 'schedule':
+                continue
+            label = '[%s]' % section
+            tz_name = ini.get(section, 'timezone', '').strip() or general_tz
+            catchup = ini.get(section, 'catchup', '').strip().lower() or general_catchup
+            if catchup not in CATCHUP:
+                raise ConfigError('Error: %s catchup = "%s" should be once or none' % (label, catchup))
+            priority = ini.getint(section, 'priority', 5)
+            if not 1 <= priority <= 9:
+                raise ConfigError('Error: %s priority = %s should be from 1 (most urgent) to 9' % (label, priority))
+            task = words(ini.get(section, 'task', ''), label, 'task')
+            arguments = words(ini.get(section, 'arguments', ''), label, 'arguments')
+            if task and arguments:
+                raise ConfigError('Error: %s has both task and arguments; arguments go with the engine, a task '
+                                  'is given in full' % label)
+            if not task:
+                task = [environment.python_executable_path, environment.botsengine_path,
+                        '-c' + environment.configdir] + arguments
+            schedules[section] = Schedule(section, ini.get(section, 'when', ''), task, priority,
+                                          ini.getboolean(section, 'enabled', True), zone(tz_name, label), catchup)
+        return schedules
+    except ConfigError as exc:
+        text = str(exc)
+        raise ConfigError(text if ini.path in text else text + where)
+
+
+def words(value, label, key):
+    """A command line split as a POSIX shell does (quotes keep a route name with spaces whole)."""
+    try:
+        return shlex.split(value)
+    except ValueError as exc:
+        raise ConfigError('Error: %s %s = %s: %s' % (label, key, value, exc))
+
+
+class Scheduler:
+    """Fires the schedules on time, in a thread of its own.
+
+    ``fire(schedule)`` queues one job and returns ``(code, jobnumber)``; ``store`` keeps when
+    each schedule last fired (``last_fired``, ``set_fired``)."""
+
+    MAX_SLEEP = 1.0
+
+    def __init__(self, schedules, store, fire, logger, clock=time.time):
+        self.store = store
+        self.fire = fire
+        self.logger = logger
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stopping = False
+        self._thread = None
+        self.schedules = {}
+        self._next = {}            # name -> next firing time
+        self._heap = []            # (time, name), may hold stale entries
+        self._overrun = set()      # schedules whose overrun was logged since their last added job
+        self._next_before = {}
+        self.lateness = []         # seconds between the firing time and the firing, the latest 1000
+        self.replace(schedules, starting=True)
+
+    # ---- configuration
+    def replace(self, schedules, starting=False):
+        """Take these schedules (at start, or at a reload): times are worked out again; what each
+        schedule fired last stays in the store."""
+        now = self.clock()
+        due = []
+        with self._lock:
+            old = self.schedules
+            self.schedules = dict(schedules)
+            self._next = {}
+            self._heap = []
+            for name, schedule in self.schedules.items():
+                if not schedule.enabled:
+                    continue
+                if not starting and name in old and old[name].same_as(schedule) and name in self._next_before:
+                    when = self._next_before[name]
+                else:
+                    when = self._first_time(schedule, now, due if starting else None)
+                self._next[name] = when
+                heapq.heappush(self._heap, (when, name))
+            self._next_before = dict(self._next)
+            self._wake.notify()
+        for schedule in due:
+            self._fire(schedule, None)
+
+    def _first_time(self, schedule, now, due):
+        """The first firing time from now on; a missed one (the server was down) is put in ``due``
+        with catchup = once."""
+        last = self.store.last_fired(schedule.name)
+        if last is not None and due is not None:
+            missed = schedule.next_after(last)
+            if missed <= now:
+                if schedule.catchup == 'once':
+                    self.logger.info('Schedule [%s]: its run of %s was missed while the server was down; '
+                                     'it runs now (catchup = once).', schedule.name, _when(missed))
+                    due.append(schedule)
+                else:
+                    self.logger.info('Schedule [%s]: its run of %s was missed while the server was down; '
+                                     'skipped (catchup = none).', schedule.name, _when(missed))
+        return schedule.next_after(now)
+
+    # ---- the thread
+    def start(self):
+        self._thread = threading.Thread(target=self._loop, name='scheduler', daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _loop(self):
+        while True:
+            with self._lock:
+                while True:
+                    if self._stopping:
+                        return
+                    top = self._live_top()
+                    now = self.clock()
+                    if top is not None and top[0] <= now:
+                        when, name = heapq.heappop(self._heap)
+                        schedule = self.schedules[name]
+                        # From now, not from the missed time: a clock step fires once, not a burst.
+                        self._next[name] = schedule.next_after(max(now, when))
+                        heapq.heappush(self._heap, (self._next[name], name))
+                        self._next_before = dict(self._next)
+                        break
+                    self._wake.wait(self.MAX_SLEEP if top is None else min(self.MAX_SLEEP, top[0] - now))
+            self.lateness.append(now - when)
+            del self.lateness[:-1000]
+            self._fire(schedule, when)
+
+    def _live_top(self):
+        heap = self._heap
+        while heap and self._next.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)
+        return heap[0] if heap else None
+
+    def _fire(self, schedule, when):
+        try:
+            code, jobnumber = self.fire(schedule)
+        except Exception as exc:        # a store or a bug: logged, and the next time comes all the same
+            self.logger.error('Schedule [%s] could not queue its job: %s', schedule.name, exc)
+            return
+        try:
+            self.store.set_fired(schedule.name, when if when is not None else self.clock(), jobnumber)
+        except Exception as exc:
+            self.logger.error('Schedule [%s]: when it fired could not be stored: %s', schedule.name, exc)
+        if code == 4:
+            if schedule.name not in self._overrun:
+                self._overrun.add(schedule.name)
+                self.logger.warning('Schedule [%s]: its previous run (job %s) still waits; not queued again '
+                                    '(said once until it runs).', schedule.name, jobnumber)
+        else:
+            self._overrun.discard(schedule.name)
+
+    # ---- what operators see
+    def next_times(self):
+        with self._lock:
+            return dict(self._next)
+
+
+def _when(timestamp):
+    return datetime.datetime.fromtimestamp(timestamp).strftime('%Y-%m-%d %H:%M:%S')

@@ -1,0 +1,182 @@
+"""Schedules: the calendar (explicit datetimes, a named zone with daylight saving), and a real
+server firing [scheduleN] sections on time through the queue."""
+import datetime
+import json
+import os
+import signal
+import sys
+import time
+import zoneinfo
+
+import pytest
+
+from bots.botsjobqueue.configuration import ConfigError
+from bots.botsjobqueue.schedule import Schedule, expression
+from conftest import FAKE_ENGINE, wait_until
+
+AMSTERDAM = zoneinfo.ZoneInfo('Europe/Amsterdam')
+
+
+def times(when, start, count, tz=AMSTERDAM):
+    """The first ``count`` firing times after ``start`` (local, in ``tz``)."""
+    schedule = Schedule('schedule_test', when, ['x'], 5, True, tz, 'once')
+    moment = start.replace(tzinfo=tz).timestamp()
+    found = []
+    for _ in range(count):
+        moment = schedule.next_after(moment)
+        found.append(datetime.datetime.fromtimestamp(moment, tz))
+    return found
+
+
+def local(*fields, fold=0):
+    return datetime.datetime(*fields, tzinfo=AMSTERDAM, fold=fold)
+
+
+def test_a_time_in_the_skipped_hour_runs_once_right_after_the_change():
+    # 2026-03-29: clocks go from 02:00 to 03:00 in Amsterdam; 02:30 does not exist that day.
+    assert times('30 2 * * *', datetime.datetime(2026, 3, 28, 12, 0), 3) == [
+        local(2026, 3, 29, 3, 0), local(2026, 3, 30, 2, 30), local(2026, 3, 31, 2, 30)]
+
+
+def test_a_time_in_the_repeated_hour_runs_once():
+    # 2026-10-25: 02:00-03:00 happens twice in Amsterdam; the job runs in the first one only.
+    found = times('30 2 * * *', datetime.datetime(2026, 10, 24, 12, 0), 2)
+    assert found[0] == local(2026, 10, 25, 2, 30) and found[0].utcoffset() == datetime.timedelta(hours=2)
+    assert found[1] == local(2026, 10, 26, 2, 30)
+    # An hourly job runs every real hour, as in cron: 02:00 summer time, then 02:00 winter time.
+    hourly = times('@hourly', datetime.datetime(2026, 10, 25, 0, 30), 4)
+    assert [(t.hour, t.utcoffset().seconds // 3600) for t in hourly] == [(1, 2), (2, 2), (2, 1), (3, 1)]
+
+
+def test_month_ends_and_monthly():
+    assert times('0 0 31 * *', datetime.datetime(2026, 1, 31, 12, 0), 3) == [
+        local(2026, 3, 31), local(2026, 5, 31), local(2026, 7, 31)]
+    assert times('@monthly', datetime.datetime(2026, 1, 31, 12, 0), 2) == [local(2026, 2, 1), local(2026, 3, 1)]
+    assert times('0 0 29 2 *', datetime.datetime(2026, 1, 1), 1) == [local(2028, 2, 29)]
+
+
+def test_the_five_tasks_of_the_bots_documentation():
+    monday = datetime.datetime(2026, 11, 23, 0, 58)             # a Monday
+    assert times('*/5 * * * *', monday, 2) == [local(2026, 11, 23, 1, 0), local(2026, 11, 23, 1, 5)]
+    assert times('@hourly', monday, 2) == [local(2026, 11, 23, 1, 0), local(2026, 11, 23, 2, 0)]
+    assert times('0 1 * * *', monday, 2) == [local(2026, 11, 23, 1, 0), local(2026, 11, 24, 1, 0)]
+    assert times('0 1 * * mon', monday, 2) == [local(2026, 11, 23, 1, 0), local(2026, 11, 30, 1, 0)]
+    assert times('0 1 1 * *', monday, 2) == [local(2026, 12, 1, 1, 0), local(2027, 1, 1, 1, 0)]
+
+
+def test_seconds_come_first_in_six_fields():
+    assert times('15 */10 * * * *', datetime.datetime(2026, 1, 1, 0, 0, 0), 2) == [
+        local(2026, 1, 1, 0, 0, 15), local(2026, 1, 1, 0, 10, 15)]
+
+
+@pytest.mark.parametrize('when', ['', '61 * * * *', '* * *', 'every monday', '@fortnightly', '* * * * * * *'])
+def test_bad_expressions_are_refused_by_name(when):
+    with pytest.raises(ConfigError) as refused:
+        expression(when, '[schedule_x]')
+    assert str(refused.value).startswith('Error: [schedule_x] ')
+
+
+# ---- a real server
+
+def schedule_ini(environment, sections, jobqueue=''):
+    environment.write_ini(jobqueue=jobqueue, extra=sections)
+
+
+def engine_task(*args):
+    return ' '.join([sys.executable, FAKE_ENGINE] + list(args))
+
+
+def test_a_seconds_schedule_fires_on_time_and_its_job_runs(environment):
+    schedule_ini(environment, '[schedule_fast]\nwhen = */2 * * * * *\ntask = %s tick\npriority = 3\n' % engine_task())
+    environment.start_server()
+    wait_until(lambda: len(environment.runs('start')) >= 3, timeout=30, message='three scheduled runs')
+    for run in environment.runs('start')[:3]:
+        lateness = run['time'] % 2
+        assert lateness < 0.5, lateness           # started within half a second of its even second
+    proxy = environment.proxy()
+    record = wait_until(lambda: proxy.history(1), message='a finished scheduled job')[0]
+    assert record['schedule'] == 'schedule_fast' and record['priority'] == 3
+    assert 'Added job 1, priority 3 (schedule [schedule_fast])' in environment.log()
+    listed = proxy.schedules()
+    assert [entry['schedule'] for entry in listed] == ['schedule_fast']
+    assert listed[0]['next_run'] > time.time() - 1 and 'last_run' in listed[0]
+    result = environment.run('bots-jobqueue', '-c' + environment.configdir, '--json', 'schedules')
+    assert json.loads(result.stdout)[0]['when'] == '*/2 * * * * *'
+    assert 'Next scheduled run: [schedule_fast] at ' in environment.run(
+        'bots-jobqueue', '-c' + environment.configdir, 'status').stdout
+
+
+def test_an_overrun_is_not_stacked(environment):
+    """A run still waits when the schedule fires again: not queued twice, said once."""
+    schedule_ini(environment, '[schedule_busy]\nwhen = * * * * * *\ntask = %s scheduled\n' % engine_task(),
+                 jobqueue='nr_threads = 1')
+    environment.start_server()
+    proxy = environment.proxy()
+    assert proxy.addjob(environment.engine('blocker', '--sleep=8'), 1) == 0
+    wait_until(lambda: 'still waits; not queued again' in environment.log(), message='an overrun')
+    time.sleep(2.5)
+    waiting = [job for job in proxy.listjobs() if job[2][-1] == 'scheduled']
+    assert len(waiting) == 1
+    assert environment.log().count('still waits; not queued again') == 1
+
+
+def test_catchup_fires_once_after_a_stopped_server(environment):
+    schedule_ini(environment, '[schedule_slow]\nwhen = */4 * * * * *\ntask = %s caught\n' % engine_task())
+    environment.start_server()
+    wait_until(lambda: environment.runs(), timeout=30, message='a first run')
+    assert environment.stop_server() == 0
+    stopped = time.time()
+    time.sleep(9)                                  # two firing times pass while it is down
+    environment.start_server()
+    wait_until(lambda: 'it runs now (catchup = once)' in environment.log(), message='the catch-up')
+    assert environment.log().count('it runs now (catchup = once)') == 1
+    wait_until(lambda: len([run for run in environment.runs('start') if run['time'] > stopped]) >= 1,
+               message='the caught-up run')
+    first_after = min(run['time'] for run in environment.runs('start') if run['time'] > stopped)
+    assert first_after - stopped < 11
+
+
+def test_catchup_none_skips_the_missed_time(environment):
+    schedule_ini(environment, '[schedule]\ncatchup = none\n[schedule_slow]\nwhen = 0 0 1 1 *\ntask = %s never\n'
+                 % engine_task())
+    environment.start_server()
+    environment.stop_server()
+    # Pretend the last firing was a year and a day ago.
+    import sqlite3
+    with sqlite3.connect(os.path.join(environment.botssys, 'jobqueue.db')) as db:
+        db.execute('INSERT OR REPLACE INTO schedule VALUES (?, ?, NULL)', ('schedule_slow', time.time() - 366 * 86400))
+    environment.start_server()
+    wait_until(lambda: 'skipped (catchup = none)' in environment.log(), message='the skip')
+    time.sleep(0.5)
+    assert environment.runs('start') == [] and environment.proxy().listjobs() == []
+
+
+def test_a_bad_schedule_stops_the_start_in_one_line(environment):
+    schedule_ini(environment, '[schedule_bad]\nwhen = 61 * * * *\n')
+    result = environment.run('bots-jobqueueserver', '-c' + environment.configdir)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith('Error: [schedule_bad] when = "61 * * * *" is not a cron expression')
+
+
+def test_reload_takes_new_schedules_and_keeps_the_old_on_errors(environment):
+    schedule_ini(environment, '[schedule_a]\nwhen = @daily\ntask = %s a\n' % engine_task())
+    environment.start_server()
+    proxy = environment.proxy()
+    assert [entry['schedule'] for entry in proxy.schedules()] == ['schedule_a']
+    schedule_ini(environment, '[schedule_a]\nwhen = not cron\n')
+    environment.server.send_signal(signal.SIGHUP)
+    wait_until(lambda: 'Reload refused' in environment.log(), message='the refused reload')
+    assert 'Error: [schedule_a] when = "not cron" is not a cron expression' in environment.log()
+    assert [entry['schedule'] for entry in proxy.schedules()] == ['schedule_a']
+    schedule_ini(environment, '[schedule_b]\nwhen = @weekly\ntask = %s b\n' % engine_task())
+    environment.server.send_signal(signal.SIGHUP)
+    wait_until(lambda: [entry['schedule'] for entry in proxy.schedules()] == ['schedule_b'], message='the reload')
+    assert environment.server.poll() is None
+
+
+def test_the_engine_is_the_default_task_with_quoted_arguments(environment):
+    schedule_ini(environment, '[schedule_engine]\nwhen = */2 * * * * *\narguments = --new "my route"\n')
+    environment.start_server()
+    wait_until(lambda: environment.runs(), timeout=30, message='the scheduled engine run')
+    assert environment.runs()[0]['argv'] == ['-c' + environment.configdir, '--new', 'my route']
