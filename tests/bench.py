@@ -398,6 +398,54 @@ def bench_slowclients(results, root, runs=100, count=1000):
     _kill_recorded(environment)
 
 
+def bench_schedules(results, root, firings=120, many=1000, cpu_seconds=30):
+    """Lateness of scheduled starts (the scheduled second to the probe's start), and the server's
+    CPU time with ``many`` schedules, against cron's and a systemd timer's one-minute granularity."""
+    schedules = ''.join('[schedule%d]\nwhen = * * * * * *\ntask = {probe} {record} %d\n' % (n, n)
+                        for n in range(4))
+    base = os.path.join(root, 'schedules')
+    os.makedirs(base)
+    record = os.path.join(base, 'fired.txt')
+    environment = Environment(base, '\nnr_threads = 4\n' + schedules.replace('{record}', record))
+    with open(os.path.join(environment.configdir, 'bots.ini')) as handle:
+        ini = handle.read().replace('{probe}', environment.probe)
+    with open(os.path.join(environment.configdir, 'bots.ini'), 'w') as handle:
+        handle.write(ini)
+    environment.start_server()
+    wait_for(lambda: _lines(record) >= 2 * firings, timeout=firings, interval=0.2)
+    environment.stop_server()
+    with open(record) as handle:
+        starts = [int(line.split()[1]) / 1e9 for line in handle if line.startswith('S ')]
+    lateness = [(start % 1.0) * 1000 for start in starts]
+    for name, fraction in (('median', 0.5), ('p99', 0.99)):
+        value = percentile(lateness, fraction)
+        results.append(('scheduled start lateness ms, %s (%d firings)' % (name, len(lateness)), value, 60000.0,
+                        value / 60000.0, '< 50 ms' if name == 'p99' else '-', value < 50 if name == 'p99' else None))
+    # Cost: CPU time of a server with many schedules (every minute; none due while measured).
+    base = os.path.join(root, 'schedules-many')
+    minute = time.localtime().tm_min
+    sections = ''.join('[schedule%d]\nwhen = %d %d * * *\ntask = {probe} x %d\n' % (n, (minute + 30) % 60, n % 24, n)
+                       for n in range(many))
+    environment = Environment(base, '\n' + sections)
+    with open(os.path.join(environment.configdir, 'bots.ini')) as handle:
+        ini = handle.read().replace('{probe}', environment.probe)
+    with open(os.path.join(environment.configdir, 'bots.ini'), 'w') as handle:
+        handle.write(ini)
+    environment.start_server()
+    time.sleep(2)
+    before = _cpu_seconds(environment.server.pid)
+    time.sleep(cpu_seconds)
+    used = _cpu_seconds(environment.server.pid) - before
+    environment.stop_server()
+    per_hour = used * 3600 / cpu_seconds
+    results.append(('server CPU s per hour, %d schedules, idle' % many, per_hour, None, None, '-', None))
+
+
+def _cpu_seconds(pid):
+    fields = open('/proc/%d/stat' % pid).read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
 def bench_dirmonitor(results, root, quiet=1.0, samples=5, burst=10000):
     base = os.path.join(root, 'dirmonitor')
     inbox, other = os.path.join(base, 'in'), os.path.join(base, 'other')
@@ -478,7 +526,7 @@ def _fmt(value):
 
 
 BENCHES = {'addjob': bench_addjob, 'dispatch': bench_dispatch, 'job2queue': bench_job2queue,
-           'dirmonitor': bench_dirmonitor, 'slowclients': bench_slowclients}
+           'dirmonitor': bench_dirmonitor, 'slowclients': bench_slowclients, 'schedules': bench_schedules}
 
 
 def main():
