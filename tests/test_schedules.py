@@ -180,3 +180,24 @@ def test_the_engine_is_the_default_task_with_quoted_arguments(environment):
     environment.start_server()
     wait_until(lambda: environment.runs(), timeout=30, message='the scheduled engine run')
     assert environment.runs()[0]['argv'] == ['-c' + environment.configdir, '--new', 'my route']
+
+
+def test_the_readme_sections_for_the_five_tasks_are_valid(tmp_path):
+    """The README's rewrite of the documented five scheduled tasks reads as it says."""
+    from bots.botsjobqueue import configuration
+    from bots.botsjobqueue.schedule import read_schedules
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.rst')).read()
+    block = readme.split('five Windows scheduled tasks and their batch files becomes::\n')[1].split('\n\n')[0]
+    (tmp_path / 'config').mkdir()
+    (tmp_path / 'config' / 'bots.ini').write_text('[jobqueue]\nenabled = True\n' + '\n'.join(
+        line[4:] for line in block.splitlines()))
+    schedules = read_schedules(configuration.load(str(tmp_path / 'config')))
+    assert {name: (s.expression, s.priority, s.task[3:]) for name, s in schedules.items()} == {
+        'schedule_new': ('*/5 * * * *', 1, ['--new']),
+        'schedule_hourly_alerts': ('0 * * * *', 2, ['hourly_alerts']),
+        'schedule_hourly_cleanup': ('0 * * * *', 6, ['ftp_cleanup', 'ProductionOrders', 'RemitAdvice']),
+        'schedule_hourly_retry': ('0 * * * *', 7, ['--automaticretrycommunication']),
+        'schedule_daily_housekeeping': ('0 1 * * *', 3, ['daily_housekeeping']),
+        'schedule_daily_reports': ('0 1 * * *', 9, ['daily_reports', 'SAP_Expired_Contracts']),
+        'schedule_weekly': ('0 1 * * mon', 5, ['weekly_reports']),
+        'schedule_monthly': ('0 1 1 * *', 5, ['monthly_reports'])}
