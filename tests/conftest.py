@@ -105,10 +105,10 @@ class Environment:
     def _listening(self):
         if self.server.poll() is not None:
             raise AssertionError('server ended with %s: %s' % (self.server.returncode, self.server.stderr.read()))
+        # Answering, not only listening: the server listens from its first instant, before its log.
         try:
-            with socket.create_connection(('127.0.0.1', self.port), timeout=1):
-                return True
-        except OSError:
+            return xmlrpc.client.ServerProxy('http://127.0.0.1:%d' % self.port).addjob(['isup'], 5) == 0
+        except (OSError, xmlrpc.client.Error):
             return False
 
     def stop_server(self, sig=signal.SIGTERM, timeout=60):

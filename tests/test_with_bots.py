@@ -20,6 +20,7 @@ import sys
 import textwrap
 import urllib.parse
 import urllib.request
+import xmlrpc.client
 
 import pytest
 
@@ -153,6 +154,16 @@ def listening(port, process):
         return False
 
 
+def answering(port, process):
+    """The job queue server answers calls (it listens from the very start, before its log)."""
+    if process.poll() is not None:
+        raise AssertionError('ended with %s: %s' % (process.returncode, process.stdout.read()))
+    try:
+        return xmlrpc.client.ServerProxy('http://127.0.0.1:%d' % port).addjob(['isup'], 5) == 0
+    except (OSError, xmlrpc.client.Error):
+        return False
+
+
 def finished_jobs(log):
     """``(jobnumber, exit code)`` of each ``Finished job`` line of a jobqueue.log."""
     return [(int(number), code) for number, code in
@@ -241,7 +252,7 @@ def test_bots_clients_run_the_real_engine_through_our_server_inside_bots(into_bo
     bots = into_bots
     # Started as the operator's service starts Bots' own: Bots' script name, no -c, any directory.
     server = bots.start([os.path.join(bots.bin, 'bots-jobqueueserver')], cwd=str(tmp_path))
-    wait_until(lambda: listening(bots.port, server), timeout=60, message='the server to listen')
+    wait_until(lambda: answering(bots.port, server), timeout=60, message='the server to answer')
     log = bots.log('jobqueue')
     assert 'serves Bots 3.3.1 in "%s" (installed inside it)' % bots.package in log
     assert 'configdir: "%s"' % bots.configdir in log
@@ -252,7 +263,7 @@ def test_bots_clients_run_the_real_engine_through_our_server_inside_bots(into_bo
     assert call.stdout.strip() == '0 OK, job is added to queue', call.stdout + call.stderr
     wait_until(lambda: finished_jobs(bots.log('jobqueue')), timeout=120, message='the engine job to end')
     assert finished_jobs(bots.log('jobqueue')) == [(1, '0')]
-    assert "Starting job 1: ('bots-engine', '-cconfig', '--new')" in bots.log('jobqueue')
+    assert "Starting job 1: ['bots-engine', '-cconfig', '--new']" in bots.log('jobqueue')
 
     # The monitor's Run menu itself, in Bots' own webserver.
     web = bots.start([os.path.join(bots.bin, 'bots-webserver')])
@@ -296,7 +307,7 @@ def our_server(bots, tmp_path):
     """Our server, from the test's environment, with Bots' configuration directory."""
     env = dict(bots.env, PATH=ORDINARY_PATH)
     server = bots.start([script('bots-jobqueueserver'), '-c' + bots.configdir], cwd=str(tmp_path), env=env)
-    wait_until(lambda: listening(bots.port, server), timeout=60, message='our server to listen')
+    wait_until(lambda: answering(bots.port, server), timeout=60, message='our server to answer')
     return server
 
 
