@@ -126,9 +126,10 @@ def reload(parts):
     rpc_settings.host, rpc_settings.port = parts.server.settings.host, parts.server.settings.port
     for name in ('nr_threads', 'output_limit', 'outputdir', 'lockdir'):
         setattr(launch_settings, name, getattr(parts.launcher.settings, name))
-    parts.server.settings = parts.service._settings = rpc_settings
+    parts.server.settings = rpc_settings
+    parts.service.reconfigure(rpc_settings, authorizer)
     parts.launcher.settings = launch_settings
-    parts.service._authorizer = parts.launcher.authorizer = authorizer
+    parts.launcher.authorizer = authorizer
     parts.scheduler.replace(schedules)
     parts.environment = new
     logger.log(botslog.STARTINFO, 'Bots jobqueue configuration reloaded from "%s".', new.configdir)
@@ -214,7 +215,7 @@ def serve(environment, signals):
     if count:
         logger.log(botslog.STARTINFO, 'Restored %d stored job(s); %d waiting.', count, len(queue))
     service = JobQueueService(queue, launcher, store, authorizer, rpc_settings, logger)
-    server.register_instance(service)
+    server.register_service(service)
     scheduler = Scheduler(schedules, store, lambda schedule: service.add(schedule.task, schedule.priority,
                                                                         schedule.name), logger)
     service.scheduler = scheduler

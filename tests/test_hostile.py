@@ -76,6 +76,12 @@ def test_garbage_and_unknown_methods(server):
                  b'<?xml version="1.0"?><methodCall><methodName>_dispatch</methodName><params/></methodCall>'):
         answer = post(server.port, body)
         assert b'<fault>' in answer, answer[:200]
+    # Helpers of the service are not methods of the server: queueing past the checks, reloading.
+    for method, params in (('add', ([server.engine('x')], 0, 'fake')), ('reconfigure', (1, 2)),
+                           ('_add', ()), ('scheduler', ())):
+        with pytest.raises(xmlrpc.client.Fault, match='is not supported'):
+            getattr(server.proxy(), method)(*params)
+    assert server.proxy().listjobs() == []
     assert raw_request(server.port, b'GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
                        ).startswith(b'HTTP/1.1 501')
     still_serves(server)

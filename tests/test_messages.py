@@ -26,24 +26,26 @@ def run_in(root, name, *args):
     return subprocess.run([script(name)] + list(args), cwd=str(root), capture_output=True, text=True, timeout=30)
 
 
+def with_ini(tmp_path, name, text):
+    """Run program ``name`` (with a task where it needs one) on a bots.ini of ``text``."""
+    inifile = tmp_path / 'config' / 'bots.ini'
+    inifile.parent.mkdir(exist_ok=True)
+    inifile.write_text(text)
+    return run_in(tmp_path, name, *(['task'] if name == 'bots-job2queue' else [])), str(inifile)
+
+
 @pytest.mark.parametrize('name', PROGRAMS)
 def test_a_bots_ini_syntax_error_names_file_and_line(tmp_path, name):
-    (tmp_path / 'config').mkdir()
-    inifile = tmp_path / 'config' / 'bots.ini'
-    inifile.write_text('[jobqueue]\nenabled = True\nport 28082\n')
-    args = ['task'] if name == 'bots-job2queue' else []
-    one_error_line(run_in(tmp_path, name, *args), str(inifile), 'line 3', '"port 28082"')
-    inifile.write_text('enabled = True\n[jobqueue]\n')
-    one_error_line(run_in(tmp_path, name, *args), 'line 1', 'before any [section]')
+    result, inifile = with_ini(tmp_path, name, '[jobqueue]\nenabled = True\nport 28082\n')
+    one_error_line(result, inifile, 'line 3', '"port 28082"')
+    result, inifile = with_ini(tmp_path, name, 'enabled = True\n[jobqueue]\n')
+    one_error_line(result, 'line 1', 'before any [section]')
 
 
 @pytest.mark.parametrize('name', PROGRAMS)
 def test_a_wrong_value_names_section_key_value_and_file(tmp_path, name):
-    (tmp_path / 'config').mkdir()
-    inifile = tmp_path / 'config' / 'bots.ini'
-    inifile.write_text('[jobqueue]\nenabled = True\nport = abc\n')
-    args = ['task'] if name == 'bots-job2queue' else []
-    one_error_line(run_in(tmp_path, name, *args), "[jobqueue] port should be a whole number, not 'abc'", str(inifile))
+    result, inifile = with_ini(tmp_path, name, '[jobqueue]\nenabled = True\nport = abc\n')
+    one_error_line(result, "[jobqueue] port should be a whole number, not 'abc'", inifile)
 
 
 @pytest.mark.parametrize('args, expected', [

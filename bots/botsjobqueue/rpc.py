@@ -83,16 +83,23 @@ def check_priority(priority):
 
 
 class JobQueueService:
-    """The methods clients call.  Each returns what Bots' clients expect."""
+    """The methods clients call (``METHODS``, and no other).  Each returns what Bots' clients expect."""
+
+    METHODS = ('addjob', 'listjobs', 'clearjobq', 'status', 'history', 'showjob', 'removejob', 'schedules')
 
     def __init__(self, queue, launcher, store, authorizer, settings, logger, scheduler=None):
-        self.scheduler = scheduler
+        self.scheduler = scheduler       # set once the schedules are read
         self._queue = queue
         self._launcher = launcher
         self._store = store
         self._authorizer = authorizer
         self._settings = settings
         self._logger = logger
+
+    def reconfigure(self, settings, authorizer):
+        """A reload: new limits and authorized tasks.  (Only ``METHODS`` are served.)"""
+        self._settings = settings
+        self._authorizer = authorizer
 
     # ---- Bots
     def addjob(self, task, priority=5):
@@ -338,7 +345,7 @@ def listen(settings):
 
 class JobQueueRPCServer:
     """The XML-RPC server: an event loop over every connection, answers made by the dispatcher
-    of the standard library (``register_instance``)."""
+    of the standard library (``register_service``)."""
 
     def __init__(self, settings, logger, listener=None):
         self.settings = settings
@@ -355,8 +362,10 @@ class JobQueueRPCServer:
         self._stopping = False
         self._stopped = threading.Event()
 
-    def register_instance(self, instance):
-        self.dispatcher.register_instance(instance)
+    def register_service(self, service):
+        """Serve the ``METHODS`` of ``service``: only those, never its other methods."""
+        for name in service.METHODS:
+            self.dispatcher.register_function(getattr(service, name), name)
 
     # ---- the loop
     def serve_forever(self):
