@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 import time
+import types
 
 from .botsjobqueue import botslog, configuration
 from .botsjobqueue.authorize import Authorizer
@@ -86,18 +87,6 @@ def restore_queue(store, queue, launcher, logger):
     gc.freeze()
     gc.enable()
     return count + len(running)
-
-
-class Parts:
-    """The parts of a running server that a reload changes."""
-
-    def __init__(self, environment, server, service, launcher, scheduler, logger):
-        self.environment = environment
-        self.server = server
-        self.service = service
-        self.launcher = launcher
-        self.scheduler = scheduler
-        self.logger = logger
 
 
 RESTART_ONLY = (('jobqueue', 'host'), ('jobqueue', 'port'), ('directories', 'botssys'), ('jobqueue', 'nr_threads'),
@@ -222,7 +211,9 @@ def serve(environment, signals):
     if schedules:
         logger.log(botslog.STARTINFO, 'Bots jobqueue runs %d schedule(s); the next: %s.', len(schedules),
                    next_schedule_text(scheduler))
-    parts = Parts(environment, server, service, launcher, scheduler, logger)
+    # What a reload changes, and what the shutdown stops.
+    parts = types.SimpleNamespace(environment=environment, server=server, service=service, launcher=launcher,
+                                  scheduler=scheduler, logger=logger)
     launcher.start()
     scheduler.start()
     threading.Thread(target=server.serve_forever, name='rpc', daemon=True).start()
