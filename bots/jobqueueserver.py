@@ -17,7 +17,9 @@ from .botsjobqueue.jobqueue import Job, JobQueue, canonical_task
 from .botsjobqueue.launcher import Launcher, LaunchSettings
 from .botsjobqueue.report import Reporter, read_mail_settings
 from .botsjobqueue.rpc import JobQueueRPCServer, JobQueueService, RPCSettings, listen
+from .botsjobqueue.metrics import Metrics
 from .botsjobqueue.schedule import Scheduler, read_schedules
+from .botsjobqueue.statuspage import StatusPages
 from .botsjobqueue.signals import Signals
 from .botsjobqueue.store import DamagedStore, Store
 
@@ -203,11 +205,20 @@ def serve(environment, signals):
     count = restore_queue(store, queue, launcher, logger)
     if count:
         logger.log(botslog.STARTINFO, 'Restored %d stored job(s); %d waiting.', count, len(queue))
-    service = JobQueueService(queue, launcher, store, authorizer, rpc_settings, logger)
+    metrics = Metrics()
+    service = JobQueueService(queue, launcher, store, authorizer, rpc_settings, logger, metrics=metrics)
     server.register_service(service)
+    server.pages = StatusPages(service, launcher, store, queue, metrics).routes()
+    metrics.state = service.health
+    launcher.metrics = metrics
+    if store.setting('paused'):
+        queue.pause(True)
+        logger.log(botslog.STARTINFO, 'The queue is paused (since %s): no job starts until "bots-jobqueue resume".',
+                   time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(store.setting('paused')))))
     scheduler = Scheduler(schedules, store, lambda schedule: service.add(schedule.task, schedule.priority,
                                                                         schedule.name), logger)
     service.scheduler = scheduler
+    scheduler.metrics = metrics
     if schedules:
         logger.log(botslog.STARTINFO, 'Bots jobqueue runs %d schedule(s); the next: %s.', len(schedules),
                    next_schedule_text(scheduler))

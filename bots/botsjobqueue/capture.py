@@ -20,8 +20,11 @@ import os
 import selectors
 import socket
 import sys
+import time
 
 CHUNK = 65536
+LIVE_EVERY = 1.0       # seconds between two snapshots of a running job's output (``<file>.live``)
+LIVE_SIZE = 4096       # bytes of its end in a snapshot
 
 
 class Kept:
@@ -33,8 +36,11 @@ class Kept:
         self.head = bytearray()
         self.tail = bytearray()
         self.total = 0
+        self.shown = 0         # when the last snapshot was written (time.monotonic)
+        self.changed = False
 
     def add(self, chunk):
+        self.changed = True
         self.total += len(chunk)
         room = self.head_limit - len(self.head)
         if room > 0:
@@ -43,6 +49,12 @@ class Kept:
         self.tail += chunk
         if len(self.tail) > self.tail_limit:
             del self.tail[:len(self.tail) - self.tail_limit]
+
+    def end(self, size):
+        """The last ``size`` bytes seen (for a snapshot while the job runs)."""
+        data = self.tail if len(self.tail) >= size or self.total > len(self.head) + len(self.tail) \
+            else self.head + self.tail
+        return bytes(data[-size:])
 
     def value(self):
         left_out = self.total - len(self.head) - len(self.tail)
@@ -59,6 +71,15 @@ def write_file(path, data):
     os.replace(part, path)
 
 
+def snapshot(path, kept, now):
+    """Write what a running job printed last, for the status page (no word when it cannot)."""
+    kept.shown, kept.changed = now, False
+    try:
+        write_file(path + '.live', kept.end(LIVE_SIZE))
+    except OSError:
+        pass
+
+
 def serve(control, limit):
     """Keep the outputs handed over on ``control`` until it is closed and every pipe has ended."""
     selector = selectors.DefaultSelector()
@@ -66,7 +87,13 @@ def serve(control, limit):
     pipes = {}                      # fd -> (path, Kept)
     control_open = True
     while control_open or pipes:
-        for key, _ in selector.select():
+        waiting = [kept for _, kept in pipes.values() if kept.changed]
+        if waiting:              # what arrived since the last snapshot shows within a second
+            now = time.monotonic()
+            for path, kept in pipes.values():
+                if kept.changed and now - kept.shown >= LIVE_EVERY:
+                    snapshot(path, kept, now)
+        for key, _ in selector.select(LIVE_EVERY if waiting else None):
             if key.data is None:
                 try:
                     message, fds, _, _ = socket.recv_fds(control, 4096, 1)
@@ -86,11 +113,18 @@ def serve(control, limit):
                 chunk = b''
             if chunk:
                 kept.add(chunk)
+                now = time.monotonic()
+                if now - kept.shown >= LIVE_EVERY:
+                    snapshot(path, kept, now)
                 continue
             selector.unregister(key.fd)
             os.close(key.fd)
             del pipes[key.fd]
             answer = path.encode('utf-8', 'surrogateescape')
+            try:
+                os.remove(path + '.live')
+            except OSError:
+                pass
             try:
                 write_file(path, kept.value())
             except OSError as exc:

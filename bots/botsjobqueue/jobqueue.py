@@ -55,6 +55,7 @@ class JobQueue:
         self._delayed = {}       # jobnumber -> (Job, threading.Timer)
         self._by_task = {}       # task -> Job, waiting or delayed
         self._holds = 0          # while > 0, take() hands out nothing
+        self.paused = False      # set by an operator: take() hands out nothing, add() goes on
         self._closed = False
 
     # ---- start-up
@@ -176,7 +177,7 @@ class JobQueue:
         """
         with self._lock:
             while True:
-                if not self._closed and self._holds == 0:
+                if not self._closed and self._holds == 0 and not self.paused:
                     job = self._pop()
                     if job is not None:
                         try:
@@ -213,6 +214,12 @@ class JobQueue:
                 heapq.heappush(self._heap, (job.priority, job.jobnumber))
                 self._changed.notify()
             return job
+
+    def pause(self, paused):
+        """Pause (True) or resume (False) handing out jobs; running jobs are not touched."""
+        with self._lock:
+            self.paused = paused
+            self._changed.notify_all()
 
     def hold(self):
         """Stop handing out jobs until ``release()`` (a job from before a restart still runs)."""

@@ -19,6 +19,9 @@ Usage:
     %(name)s [-c<directory>] [--json] schedules     the [scheduleN] sections: next and last run
     %(name)s [-c<directory>] remove N               remove waiting job N
     %(name)s [-c<directory>] clear                  remove all waiting jobs
+    %(name)s [-c<directory>] pause                  start no new job (running ones finish, jobs are
+                                                   still accepted); kept across a restart
+    %(name)s [-c<directory>] resume                 start jobs again
 Exit codes: 0 done; 1 cannot contact the server, or bad usage; 2 no such job.
 '''
 
@@ -48,6 +51,8 @@ def task_text(task):
 
 def print_status(answer):
     running, waiting = answer['running'], answer['waiting']
+    if answer.get('paused'):
+        print('PAUSED: no new job starts until "bots-jobqueue resume".')
     more = answer['waiting_count'] - len(waiting)
     print('Running (%d):' % len(running))
     if running:
@@ -117,7 +122,7 @@ def print_job(job):
 
 # command: (how many numbers it takes at least, at most, what they are)
 COMMANDS = {'status': (0, 0, ''), 'history': (0, 1, '[N]'), 'show': (1, 1, 'N'), 'remove': (1, 1, 'N'),
-            'clear': (0, 0, ''), 'schedules': (0, 0, '')}
+            'clear': (0, 0, ''), 'schedules': (0, 0, ''), 'pause': (0, 0, ''), 'resume': (0, 0, '')}
 
 
 def parse_args(args, name):
@@ -216,6 +221,11 @@ def run(client, command, numbers, as_json, name, show_all=False):
         if client.call('removejob', numbers[0]) != 0:
             return _fail('No waiting job %s.' % numbers[0], 2)
         print('Removed waiting job %s.' % numbers[0])
+        return 0
+    if command in ('pause', 'resume'):
+        client.call(command)
+        print('The queue is paused: no new job starts (running jobs finish; jobs are still accepted).'
+              if command == 'pause' else 'The queue runs jobs again.')
         return 0
     if command == 'clear' and not numbers:
         client.call('clearjobq')

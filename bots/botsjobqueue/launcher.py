@@ -27,6 +27,7 @@ import time
 
 from .jobqueue import Job, canonical_task
 
+LIVE = '.live'          # beside a running job's output file: what it printed so far (see capture.py)
 CAPTURE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'capture.py')
 
 # Test hook: the fault tests set this to kill the server at a chosen instant of a start.
@@ -475,6 +476,7 @@ class Launcher:
         self._threads = []
         self._stopping = False
         self.on_idle = None            # called (from any thread) when the last running job has ended
+        self.metrics = None            # counts finished jobs, when the server has metrics
         self._between = {}             # jobnumber -> what showjob tells of a job being started or recorded
         self._deadlines = Deadlines()
         os.makedirs(settings.outputdir, exist_ok=True)
@@ -494,6 +496,15 @@ class Launcher:
         """Start no more jobs (the first step of a shutdown)."""
         self._stopping = True
         self.queue.close()
+
+    def output_tail(self, jobnumber, size):
+        """The end of a running job's output so far (the keeper writes it about once a second)."""
+        with self._lock:
+            running = self.running.get(jobnumber)
+        return read_tail(running.output + LIVE, size) if running is not None and running.output else ''
+
+    def runners_alive(self):
+        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
 
     def running_numbers(self):
         with self._lock:
@@ -728,6 +739,8 @@ class Launcher:
         self.reporter.report('[Bots Job Queue] - Error starting job',
                              'Error starting job %s:\n    %s\n\n%s' % (job.jobnumber, list(job.task), reason))
         self.store.finish(job, started, time.time(), None, 'cannot start', reason)
+        if self.metrics is not None:
+            self.metrics.job_finished(None, 'cannot start', None)
 
     def _maxruntime_exceeded(self, running):
         running.timed_out = True
@@ -841,6 +854,8 @@ class Launcher:
                              output.rstrip('\n').replace('\n', '\n' + prefix))
         if end.leaves_queue:
             self.store.record(job, end.started, end.ended, exitcode, end.status, output)
+            if self.metrics is not None:
+                self.metrics.job_finished(exitcode, end.status, end.ended - end.started)
             if exitcode == ENGINE_SYSTEM_ERROR or (exitcode is not None and exitcode < 0):
                 self.reporter.report('[Bots Job Queue] - Job ended with errors',
                                      'Job %s ended with exit code %s after %s:\n    %s\n\nOutput:\n%s'
@@ -875,6 +890,17 @@ def logging_level(exitcode):
     if exitcode == ENGINE_PROCESS_ERRORS:
         return logging.WARNING
     return logging.ERROR
+
+
+def read_tail(path, size):
+    """The last ``size`` bytes of the file ``path`` as text; '' when there is none."""
+    try:
+        with open(path, 'rb') as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - size))
+            return handle.read().decode('utf-8', 'replace')
+    except OSError:
+        return ''
 
 
 def read_output(path):

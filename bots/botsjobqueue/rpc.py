@@ -50,6 +50,9 @@ class RPCSettings:
         self.max_request_size = ini.getint('jobqueue', 'max_request_size', 1048576)
         self.max_task_size = ini.getint('jobqueue', 'max_task_size', 65536)
         self.max_task_args = ini.getint('jobqueue', 'max_task_args', 256)
+        loopback = self.host in ('127.0.0.1', 'localhost', '::1')
+        # The status page, /health and /metrics: on by default only where only this machine reaches them.
+        self.status_page = ini.getboolean('jobqueue', 'status_page', loopback)
 
 
 # What one answer of listjobs, status or history carries at most, counted as the bytes of its
@@ -85,10 +88,12 @@ def check_priority(priority):
 class JobQueueService:
     """The methods clients call (``METHODS``, and no other).  Each returns what Bots' clients expect."""
 
-    METHODS = ('addjob', 'listjobs', 'clearjobq', 'status', 'history', 'showjob', 'removejob', 'schedules')
+    METHODS = ('addjob', 'listjobs', 'clearjobq', 'status', 'history', 'showjob', 'removejob', 'schedules',
+               'pause', 'resume')
 
-    def __init__(self, queue, launcher, store, authorizer, settings, logger, scheduler=None):
+    def __init__(self, queue, launcher, store, authorizer, settings, logger, scheduler=None, metrics=None):
         self.scheduler = scheduler       # set once the schedules are read
+        self.metrics = metrics
         self._queue = queue
         self._launcher = launcher
         self._store = store
@@ -116,11 +121,14 @@ class JobQueueService:
         origin = '' if schedule is None else ' (schedule [%s])' % schedule
         if not task:
             self._logger.info('No task to add%s.', origin)
+            self._count('no task')
             return jobqueue.NO_TASK, None
         if not self._authorizer.allows(task):
             self._logger.warning('Refused job%s, not an authorized task: %s', origin, task)
+            self._count('not authorized')
             return jobqueue.NOT_AUTHORIZED, None
         code, jobnumber, previous = self._queue.add(task, priority)
+        self._count('duplicate' if code == jobqueue.DUPLICATE else None)
         if code == jobqueue.DUPLICATE:
             self._logger.info('Duplicate job%s not added: %s', origin, task)
         elif previous is not None:
@@ -131,6 +139,42 @@ class JobQueueService:
                 self._store.set_scheduled(jobnumber, schedule)
             self._logger.info('Added job %s, priority %s%s: %s', jobnumber, priority, origin, task)
         return code, jobnumber
+
+    def _count(self, refusal):
+        if self.metrics is not None:
+            if refusal is None:
+                self.metrics.added.inc()
+            else:
+                self.metrics.answered.labels(refusal).inc()
+
+    def pause(self):
+        """Start no new job until ``resume``; running jobs finish, addjob goes on.  Survives a restart."""
+        if not self._queue.paused:
+            self._store.set_setting('paused', str(time.time()))
+            self._queue.pause(True)
+            self._logger.log(25, 'Queue paused: no new job starts until it is resumed; running jobs finish, '
+                                 'new jobs are accepted and kept.')
+        return 0
+
+    def resume(self):
+        """Start jobs again after ``pause``."""
+        if self._queue.paused:
+            self._store.set_setting('paused', '')
+            self._queue.pause(False)
+            self._logger.log(25, 'Queue resumed: jobs start again.')
+        return 0
+
+    def health(self):
+        """The state ``/health`` and ``/metrics`` tell (not an XML-RPC method)."""
+        oldest = self._store.oldest_waiting()
+        last = self._store.history(1)
+        state = {'accepting': True, 'paused': self._queue.paused, 'running': len(self._launcher.status()),
+                 'waiting': len(self._queue), 'runners_alive': self._launcher.runners_alive(),
+                 'oldest_waiting_age': max(0.0, time.time() - oldest) if oldest and len(self._queue) else None,
+                 'last_finished': None}
+        if last:
+            state['last_finished'] = {key: last[0].get(key) for key in ('jobnumber', 'exitcode', 'status', 'ended')}
+        return state
 
     def listjobs(self, offset=0):
         """The waiting jobs in launch order, each ``[priority, jobnumber, task]``.
@@ -158,7 +202,7 @@ class JobQueueService:
         running = self._launcher.status()
         budget = ANSWER_BUDGET - sum(task_size(job['task']) for job in running)
         # Delayed jobs (the engine found its database locked) come last, each with its retry time.
-        answer = {'running': running, 'waiting_count': len(self._queue),
+        answer = {'running': running, 'waiting_count': len(self._queue), 'paused': self._queue.paused,
                   'waiting': [job.as_list() for job in bounded(self._queue.first(limit),
                                                                lambda job: task_size(job.task), budget)],
                   'retry_at': {str(number): when for number, when in self._queue.retry_times().items()}}
@@ -251,9 +295,11 @@ MAX_HEADER_LINES = 100
 BUFFER_BUDGET = 64 * 1024 * 1024  # unanswered request bytes of all connections together
 SWEEP = 0.25                      # seconds between looks for connections past their deadline
 
-REASONS = {100: 'Continue', 200: 'OK', 400: 'Bad Request', 408: 'Request Timeout', 411: 'Length Required',
+REASONS = {100: 'Continue', 200: 'OK', 400: 'Bad Request', 403: 'Forbidden', 404: 'Not Found',
+           408: 'Request Timeout', 411: 'Length Required',
            413: 'Content Too Large', 415: 'Unsupported Media Type', 431: 'Request Header Fields Too Large',
-           501: 'Not Implemented', 503: 'Service Unavailable', 505: 'HTTP Version Not Supported'}
+           500: 'Internal Server Error', 501: 'Not Implemented', 503: 'Service Unavailable',
+           505: 'HTTP Version Not Supported'}
 
 
 class Refusal(Exception):
@@ -269,7 +315,7 @@ class Connection:
     """One client connection: what it sent so far, what it is still to receive."""
 
     __slots__ = ('sock', 'inbuf', 'outbuf', 'deadline', 'body_length', 'head_end', 'keep_alive', 'closing',
-                 'address')
+                 'address', 'method', 'path')
 
     def __init__(self, sock, address, deadline):
         self.sock = sock
@@ -281,16 +327,17 @@ class Connection:
         self.head_end = 0
         self.keep_alive = True
         self.closing = False             # close once the answer is out
+        self.method = self.path = None
 
 
 def parse_head(data):
-    """``(method, headers dict, keep_alive)`` of a request head.  Raises Refusal."""
+    """``(method, path, version, headers dict, keep_alive)`` of a request head.  Raises Refusal."""
     lines = bytes(data).decode('iso-8859-1').split('\n')
     request_line = lines[0].rstrip('\r')
     words = request_line.split()
     if len(words) != 3:
         raise Refusal(400, 'Bad request line %r' % request_line[:100])
-    method, _, version = words
+    method, path, version = words
     if version not in ('HTTP/1.0', 'HTTP/1.1'):
         raise Refusal(505, 'HTTP version %r is not served' % version[:20])
     if len(lines) > MAX_HEADER_LINES + 3:
@@ -306,13 +353,19 @@ def parse_head(data):
         headers[name.strip().lower()] = value.strip()
     connection = headers.get('connection', '').lower()
     keep_alive = connection != 'close' and (version == 'HTTP/1.1' or connection == 'keep-alive')
-    return method, version, headers, keep_alive
+    return method, path, version, headers, keep_alive
 
 
-def http_answer(code, body, content_type='text/xml', close=False):
+# Every page answer: no guessing of types, no framing by other sites, scripts only from the server.
+PAGE_HEADERS = ('X-Content-Type-Options: nosniff\r\nX-Frame-Options: DENY\r\nCache-Control: no-store\r\n'
+                "Content-Security-Policy: default-src 'self'; style-src 'self' 'unsafe-inline'\r\n")
+
+
+def http_answer(code, body, content_type='text/xml', close=False, extra='', length=None):
     head = ('HTTP/1.1 %d %s\r\nServer: bots-jobqueueserver\r\nDate: %s\r\nContent-Type: %s\r\n'
-            'Content-Length: %d\r\n%s\r\n' % (code, REASONS.get(code, ''), email.utils.formatdate(usegmt=True),
-                                               content_type, len(body), 'Connection: close\r\n' if close else ''))
+            'Content-Length: %d\r\n%s%s\r\n' % (code, REASONS.get(code, ''), email.utils.formatdate(usegmt=True),
+                                                 content_type, len(body) if length is None else length, extra,
+                                                 'Connection: close\r\n' if close else ''))
     return head.encode('ascii') + body
 
 
@@ -361,6 +414,7 @@ class JobQueueRPCServer:
         self._buffered = 0
         self._stopping = False
         self._stopped = threading.Event()
+        self.pages = {}      # GET path -> function(query) returning (status, content type, body bytes)
 
     def register_service(self, service):
         """Serve the ``METHODS`` of ``service``: only those, never its other methods."""
@@ -488,7 +542,8 @@ class JobQueueRPCServer:
                     if len(inbuf) > MAX_HEAD:
                         raise Refusal(431, 'request line and headers larger than %d bytes' % MAX_HEAD)
                     return
-                method, version, headers, keep_alive = parse_head(inbuf[:end])
+                method, path, version, headers, keep_alive = parse_head(inbuf[:end])
+                connection.method, connection.path = method, path
                 connection.keep_alive = keep_alive
                 connection.head_end = end + size
                 connection.body_length = self._body_length(method, headers)
@@ -501,11 +556,33 @@ class JobQueueRPCServer:
             del inbuf[:request_end]
             self._buffered -= request_end
             connection.body_length = None
-            answer = self.dispatcher._marshaled_dispatch(body)
-            self._send(connection, http_answer(200, answer, close=not connection.keep_alive),
-                       close=not connection.keep_alive)
+            if connection.method == 'POST':
+                answer = http_answer(200, self.dispatcher._marshaled_dispatch(body), close=not connection.keep_alive)
+            else:
+                answer = self._page(connection.method, connection.path, not connection.keep_alive)
+            self._send(connection, answer, close=not connection.keep_alive)
+
+    def _page(self, method, target, close):
+        """The answer to a GET (or HEAD) of the status page, /health or /metrics."""
+        path, _, query = target.partition('?')
+        page = self.pages.get(path) if self.settings.status_page else None
+        if page is None:
+            code, content_type, body = 404, 'text/plain; charset=utf-8', b'no such page\n'
+            if not self.settings.status_page:
+                code, body = 403, b'the status page is off here ([jobqueue] status_page)\n'
+        else:
+            try:
+                code, content_type, body = page(query)
+            except Exception as exc:          # a page must not take the server down; it is logged
+                self.logger.exception('Error making page %s', path)
+                code, content_type, body = 500, 'text/plain; charset=utf-8', ('error: %s\n' % exc).encode('utf-8')
+        return http_answer(code, b'' if method == 'HEAD' else body, content_type, close, PAGE_HEADERS, len(body))
 
     def _body_length(self, method, headers):
+        if method in ('GET', 'HEAD'):
+            if headers.get('content-length', '0') not in ('', '0'):
+                raise Refusal(400, 'a GET has no body')
+            return 0
         if method != 'POST':
             raise Refusal(501, 'Unsupported method (%r): XML-RPC is served by POST' % method[:20])
         try:

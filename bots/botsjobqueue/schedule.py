@@ -164,7 +164,7 @@ class Scheduler:
         self._heap = []            # (time, name), may hold stale entries
         self._overrun = set()      # schedules whose overrun was logged since their last added job
         self._next_before = {}
-        self.lateness = []         # seconds between the firing time and the firing, the latest 1000
+        self.metrics = None        # observes the lateness of each firing, when the server has metrics
         self.replace(schedules, starting=True)
 
     # ---- configuration
@@ -237,8 +237,6 @@ class Scheduler:
                         self._next_before = dict(self._next)
                         break
                     self._wake.wait(self.MAX_SLEEP if top is None else min(self.MAX_SLEEP, top[0] - now))
-            self.lateness.append(now - when)
-            del self.lateness[:-1000]
             self._fire(schedule, when)
 
     def _live_top(self):
@@ -248,6 +246,8 @@ class Scheduler:
         return heap[0] if heap else None
 
     def _fire(self, schedule, when):
+        if when is not None and self.metrics is not None:
+            self.metrics.lateness.observe(max(0.0, self.clock() - when))
         try:
             code, jobnumber = self.fire(schedule)
         except Exception as exc:        # a store or a bug: logged, and the next time comes all the same

@@ -51,6 +51,10 @@ CREATE TABLE IF NOT EXISTS schedule (              -- when each [scheduleN] last
     fired       REAL NOT NULL,
     jobnumber   INTEGER
 );
+CREATE TABLE IF NOT EXISTS setting (               -- the queue's own state: paused
+    name        TEXT PRIMARY KEY,
+    value       TEXT
+);
 CREATE TABLE IF NOT EXISTS scheduled (             -- jobs queued by a schedule
     jobnumber   INTEGER PRIMARY KEY,
     schedule    TEXT NOT NULL
@@ -114,8 +118,10 @@ class Store:
             self._db.execute('PRAGMA journal_mode=WAL')
             self._db.execute('PRAGMA synchronous=NORMAL')
             self._db.executescript(SCHEMA)
-            if 'runner' not in [row[1] for row in self._db.execute('PRAGMA table_info(job)')]:
-                self._db.execute('ALTER TABLE job ADD COLUMN runner INTEGER')     # a store of an older version
+            columns = [row[1] for row in self._db.execute('PRAGMA table_info(job)')]
+            for column, kind in (('runner', 'INTEGER'), ('added', 'REAL')):       # a store of an older version
+                if column not in columns:
+                    self._db.execute('ALTER TABLE job ADD COLUMN %s %s' % (column, kind))
         except sqlite3.DatabaseError as exc:
             raise DamagedStore(_damaged(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
 
@@ -144,8 +150,12 @@ class Store:
     # ---- waiting jobs
     def add(self, priority, task):
         """Store a new waiting job; return its job number."""
-        return self._run('INSERT INTO job (priority, task) VALUES (?, ?)',
-                         (priority, json.dumps(task))).lastrowid
+        return self._run('INSERT INTO job (priority, task, added) VALUES (?, ?, ?)',
+                         (priority, json.dumps(task), time.time())).lastrowid
+
+    def oldest_waiting(self):
+        """When the job that has waited longest was added (a timestamp), or None."""
+        return self._run("SELECT min(added) FROM job WHERE state != 'running'").fetchone()[0]
 
     def set_priority(self, jobnumber, priority):
         self._run('UPDATE job SET priority = ? WHERE jobnumber = ?', (priority, jobnumber))
@@ -167,6 +177,14 @@ class Store:
     def add_attempt(self, jobnumber, started, ended, exitcode):
         """Keep a run of a job that goes back to the queue (the engine found its database locked)."""
         self._run('INSERT INTO attempt VALUES (?, ?, ?, ?)', (jobnumber, started, ended, exitcode))
+
+    # ---- the queue's own state
+    def setting(self, name, default=None):
+        row = self._run('SELECT value FROM setting WHERE name = ?', (name,)).fetchone()
+        return row[0] if row else default
+
+    def set_setting(self, name, value):
+        self._run('INSERT OR REPLACE INTO setting VALUES (?, ?)', (name, value))
 
     # ---- schedules
     def last_fired(self, name):
@@ -236,13 +254,14 @@ class Store:
                 self._db.execute('DELETE FROM %s WHERE jobnumber NOT IN (SELECT jobnumber FROM history) '
                                  'AND jobnumber NOT IN (SELECT jobnumber FROM job)' % table)
 
-    def history(self, limit=20):
+    def history(self, limit=20, with_output=True):
         """The newest finished jobs (at most ``history_size``), newest first, as dicts."""
+        columns = HISTORY_COLUMNS if with_output else HISTORY_COLUMNS[:-1]
         with self._lock:
             rows = self._db.execute('SELECT %s FROM history ORDER BY jobnumber DESC LIMIT ?'
-                                    % ', '.join(HISTORY_COLUMNS), (min(limit, self.history_size),)).fetchall()
+                                    % ', '.join(columns), (min(limit, self.history_size),)).fetchall()
             attempts = self._attempts([row[0] for row in rows])
-        return [_history_dict(row, attempts) for row in rows]
+        return [_history_dict(row, attempts, columns) for row in rows]
 
     def _attempts(self, jobnumbers):
         """(With the lock held.)  The earlier runs of these jobs: ``{jobnumber: [run, ...]}``, and
@@ -266,8 +285,8 @@ class Store:
         return _history_dict(row, attempts) if row else None
 
 
-def _history_dict(row, attempts):
-    record = dict(zip(HISTORY_COLUMNS, row))
+def _history_dict(row, attempts, columns=HISTORY_COLUMNS):
+    record = dict(zip(columns, row))
     record['task'] = json.loads(record['task'])
     if record['jobnumber'] in attempts:
         record['attempts'] = attempts[record['jobnumber']]
