@@ -207,6 +207,37 @@ def bench_addjob(results, root):
         _kill_recorded(environment)
 
 
+def bench_page(results, root):
+    """addjob calls/s at depth 0 and DEPTH while a status page is open: a reader of /status.json
+    every 2 seconds, as the page's script refreshes."""
+    import urllib.request
+    for depth in (0, DEPTH):
+        environment = Environment(os.path.join(root, 'page-%d' % depth))
+        if depth:
+            fill_store(environment, depth)
+        environment.start_server()
+        environment.proxy().addjob(environment.engine('blocker', '--sleep=3600'), 1)
+        stop = threading.Event()
+
+        def reader():
+            while not stop.wait(2.0):
+                urllib.request.urlopen('http://127.0.0.1:%d/status.json' % environment.port, timeout=10).read()
+
+        thread = threading.Thread(target=reader, daemon=True)
+        thread.start()
+        ours, reference = [], []
+        for round_number in range(3):
+            ours.append(client_rate(environment.port, environment.engine('paged-%d' % round_number)))
+            reference.append(bare_rate(depth))
+        stop.set()
+        thread.join(10)
+        ours, reference = statistics.median(ours), statistics.median(reference)
+        results.append(('addjob calls/s, depth %d, status page open' % depth, ours, reference, ours / reference,
+                        '>= 0.9', ours / reference >= 0.9))
+        environment.kill_server()
+        _kill_recorded(environment)
+
+
 def _kill_recorded(environment):
     try:
         with open(environment.record) as handle:
@@ -526,7 +557,8 @@ def _fmt(value):
 
 
 BENCHES = {'addjob': bench_addjob, 'dispatch': bench_dispatch, 'job2queue': bench_job2queue,
-           'dirmonitor': bench_dirmonitor, 'slowclients': bench_slowclients, 'schedules': bench_schedules}
+           'dirmonitor': bench_dirmonitor, 'slowclients': bench_slowclients, 'schedules': bench_schedules,
+           'page': bench_page}
 
 
 def main():

@@ -82,8 +82,10 @@ def test_garbage_and_unknown_methods(server):
         with pytest.raises(xmlrpc.client.Fault, match='is not supported'):
             getattr(server.proxy(), method)(*params)
     assert server.proxy().listjobs() == []
-    assert raw_request(server.port, b'GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
+    assert raw_request(server.port, b'PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n'
                        ).startswith(b'HTTP/1.1 501')
+    assert raw_request(server.port, b'GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello'
+                       ).startswith(b'HTTP/1.1 400')            # a GET with a body
     still_serves(server)
 
 

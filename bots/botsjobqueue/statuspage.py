@@ -69,8 +69,11 @@ function kind(job) { if (job.state === "running") return "running"; if (job.exit
 var COLOURS = {ok: "#2e9e4a", warning: "#e09a1a", running: "#2f6fd0"};
 function day(data) { var svg = document.getElementById("day"), ns = "http://www.w3.org/2000/svg";
   svg.replaceChildren(); var start = data.now - 86400;
+  for (var h = 1; h < 24; h++) { var tick = document.createElementNS(ns, "line"), tx = h / 24 * 1000;
+    tick.setAttribute("x1", tx); tick.setAttribute("x2", tx); tick.setAttribute("y1", 0);
+    tick.setAttribute("y2", 70); tick.setAttribute("stroke", h % 6 ? "#eee" : "#ccc"); svg.appendChild(tick); }
   data.day.forEach(function (job) { var from = Math.max(job.started, start), to = job.ended || data.now;
-    var x = (from - start) / 86400 * 1000, w = Math.max(1.5, (to - from) / 86400 * 1000);
+    var w = Math.max(2, (to - from) / 86400 * 1000), x = Math.min(1000 - w, (from - start) / 86400 * 1000);
     var r = document.createElementNS(ns, "rect"); r.setAttribute("x", x); r.setAttribute("y", 8);
     r.setAttribute("width", w); r.setAttribute("height", 54); r.setAttribute("class", "bar " + kind(job));
     r.setAttribute("fill", COLOURS[kind(job)] || "#c0262f");
