@@ -167,7 +167,7 @@ class JobQueueService:
     def health(self):
         """The state ``/health`` and ``/metrics`` tell (not an XML-RPC method)."""
         oldest = self._store.oldest_waiting()
-        last = self._store.history(1)
+        last = self._store.history(1, with_output=False)
         state = {'accepting': True, 'paused': self._queue.paused, 'running': len(self._launcher.status()),
                  'waiting': len(self._queue), 'runners_alive': self._launcher.runners_alive(),
                  'oldest_waiting_age': max(0.0, time.time() - oldest) if oldest and len(self._queue) else None,

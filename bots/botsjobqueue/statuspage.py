@@ -153,9 +153,10 @@ class StatusPages:
                and record['started']]
         day += [{'jobnumber': job['jobnumber'], 'task': job['task'], 'started': job['started'], 'state': 'running'}
                 for job in running]
-        schedules = sorted(({'schedule': entry['schedule'], 'next_run': entry.get('next_run'), 'when': entry['when']}
-                            for entry in self.service.schedules() if entry.get('next_run')),
-                           key=lambda entry: entry['next_run'])[:20]
+        scheduler = self.service.scheduler
+        upcoming = sorted((when, name) for name, when in scheduler.next_times().items())[:20] if scheduler else []
+        schedules = [{'schedule': name, 'next_run': when, 'when': scheduler.schedules[name].when}
+                     for when, name in upcoming if name in scheduler.schedules]
         answer = {'now': now, 'paused': status['paused'], 'running': running, 'waiting': waiting,
                   'waiting_count': status['waiting_count'], 'history': history, 'day': day, 'schedules': schedules}
         return 200, JSON, json.dumps(answer).encode('utf-8')
