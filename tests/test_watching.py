@@ -173,10 +173,10 @@ def test_the_status_page_in_a_real_browser(environment, tmp_path):
 
 
 def test_the_page_lists_the_next_scheduled_runs(environment):
-    environment.write_ini(extra='[schedule_nightly]\nwhen = 0 1 1 1 *\narguments = --new\n'
+    environment.write_ini(extra='[schedule_yearly]\nwhen = 0 1 1 1 *\narguments = --new\n'
                                 '[schedule_often]\nwhen = */5 * * * *\narguments = --new\n')
     environment.start_server()
     status, _, body = get(environment, '/status.json')
     schedules = json.loads(body)['schedules']
-    assert status == 200 and [entry['schedule'] for entry in schedules] == ['schedule_often', 'schedule_nightly']
+    assert status == 200 and [entry['schedule'] for entry in schedules] == ['schedule_often', 'schedule_yearly']
     assert schedules[0]['when'] == '*/5 * * * *' and schedules[0]['next_run'] - time.time() <= 300
