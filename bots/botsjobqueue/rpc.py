@@ -484,8 +484,9 @@ class JobQueueRPCServer:
             self._selector.register(sock, selectors.EVENT_READ, connection)
 
     def _close(self, connection):
-        if self._connections.pop(connection, 0) is 0:
-            return
+        if connection not in self._connections:
+            return                       # closed already
+        del self._connections[connection]
         self._buffered -= len(connection.inbuf)
         try:
             self._selector.unregister(connection.sock)
