@@ -101,7 +101,7 @@ class MonitorSettings:
         self.port = environment.port
         trigger = ini.get('dirmonitor', 'trigger', '') or '.dirmonitor.trigger'
         self.trigger = os.path.join(environment.botssys, trigger)
-        self.client_timeout = ini.getfloat('jobqueue', 'client_timeout', 10.0)
+        self.client_timeout = environment.client_timeout
         sections = [name for name in ini.sections() if name.startswith('dirmonitor') and name != 'dirmonitor']
         self.watches = [Watch(environment, name, self) for name in sections]
 
@@ -404,7 +404,6 @@ class AppearHandler(_handler_base()):
 
 def load(configdir):
     environment = configuration.load(configdir)
-    environment.require_jobqueue_enabled()
     return environment, MonitorSettings(environment)
 
 

@@ -108,9 +108,7 @@ def start():
             configuration.print_usage(USAGE, name)
         configdir, priority, task = parsed
         environment = configuration.load(configdir)
-        environment.require_jobqueue_enabled()
-        timeout = environment.ini.getfloat('jobqueue', 'client_timeout', DEFAULT_TIMEOUT)
-        port = environment.port
+        timeout, port = environment.client_timeout, environment.port
     except configuration.ConfigError as exc:
         print(exc, file=sys.stderr)
         sys.exit(1)

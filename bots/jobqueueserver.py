@@ -102,7 +102,6 @@ def reload(parts):
     logger, old = parts.logger, parts.environment
     try:
         new = configuration.load(old.configdir)
-        new.require_jobqueue_enabled()
         rpc_settings = RPCSettings(new)
         launch_settings = LaunchSettings(new)
         new.ini.getfloat('jobqueue', 'shutdown_grace', 60)
@@ -243,7 +242,6 @@ def start():
     signals = Signals({'SIGTERM': 'stop', 'SIGINT': 'stop', 'SIGBREAK': 'stop', 'SIGHUP': 'reload'})
     try:
         environment = configuration.load(configuration.configdir_from_args(sys.argv[1:], name, USAGE))
-        environment.require_jobqueue_enabled()
         serve(environment, signals)
     except configuration.ConfigError as exc:
         print(exc, file=sys.stderr)

@@ -259,6 +259,11 @@ class Environment:
     def port(self):
         return self.ini.getint('jobqueue', 'port', 28082)
 
+    @property
+    def client_timeout(self):
+        """Seconds a client (bots-job2queue, bots-jobqueue, the dirmonitor) waits for an answer."""
+        return self.ini.getfloat('jobqueue', 'client_timeout', 10.0)
+
 
 def find_configdir(name, inside_bots=None):
     """The configuration directory named by ``-c`` (default ``config``), as an absolute path."""
@@ -277,7 +282,8 @@ def find_configdir(name, inside_bots=None):
 
 
 def load(configdir_name='config'):
-    """Read ``<configdir>/bots.ini``; raise ConfigError with a one-line text on any problem."""
+    """Read ``<configdir>/bots.ini`` of an environment whose job queue is enabled; raise
+    ConfigError with a one-line text on any problem."""
     inside_bots = bots_dir()
     configdir = find_configdir(configdir_name, inside_bots)
     inifile = os.path.join(configdir, 'bots.ini')
@@ -293,7 +299,9 @@ def load(configdir_name='config'):
     served = served_bots(configdir, inside_bots)
     botssys = ini.get('directories', 'botssys', 'botssys') or 'botssys'
     botssys = os.path.join(served, botssys) if served else os.path.abspath(botssys)
-    return Environment(configdir, ini, os.path.normpath(botssys), served, bool(inside_bots))
+    environment = Environment(configdir, ini, os.path.normpath(botssys), served, bool(inside_bots))
+    environment.require_jobqueue_enabled()
+    return environment
 
 
 def split_configdir_option(arg):

@@ -168,9 +168,7 @@ def start():
             configuration.print_usage(USAGE, name)
         configdir, as_json, show_all, command, numbers = parsed
         environment = configuration.load(configdir)
-        environment.require_jobqueue_enabled()
-        timeout = environment.ini.getfloat('jobqueue', 'client_timeout', 10)
-        port = environment.port
+        timeout, port = environment.client_timeout, environment.port
     except configuration.ConfigError as exc:
         sys.exit(_fail(str(exc)))
     client = Client(port, timeout)
