@@ -173,7 +173,7 @@ def start():
         sys.exit(_fail(str(exc)))
     client = Client(port, timeout)
     try:
-        code = run(client, command, numbers, as_json, name, show_all)
+        code = run(client, command, numbers, as_json, show_all)
         sys.stdout.flush()
         sys.exit(code)
     except BrokenPipeError:
@@ -194,8 +194,9 @@ def all_waiting(client):
         jobs.extend(page)
 
 
-def run(client, command, numbers, as_json, name, show_all=False):
-    if command == 'status' and not numbers:
+def run(client, command, numbers, as_json, show_all=False):
+    """Carry out a command that ``parse_args`` has checked (its name and its numbers)."""
+    if command == 'status':
         answer = client.call('status', 100)
         if show_all:
             answer['waiting'] = all_waiting(client)
@@ -205,17 +206,17 @@ def run(client, command, numbers, as_json, name, show_all=False):
         schedules = client.call('schedules')
         print(json.dumps(schedules, indent=2)) if as_json else print_schedules(schedules)
         return 0
-    if command == 'history' and len(numbers) <= 1:
+    if command == 'history':
         records = client.call('history', numbers[0] if numbers else 20)
         print(json.dumps(records, indent=2)) if as_json else print_history(records)
         return 0
-    if command == 'show' and len(numbers) == 1:
+    if command == 'show':
         job = client.call('showjob', numbers[0])
         if not job:
             return _fail('No job %s (not waiting, not running, not in the history).' % numbers[0], 2)
         print(json.dumps(job, indent=2)) if as_json else print_job(job)
         return 0
-    if command == 'remove' and len(numbers) == 1:
+    if command == 'remove':
         if client.call('removejob', numbers[0]) != 0:
             return _fail('No waiting job %s.' % numbers[0], 2)
         print('Removed waiting job %s.' % numbers[0])
@@ -225,12 +226,9 @@ def run(client, command, numbers, as_json, name, show_all=False):
         print('The queue is paused: no new job starts (running jobs finish; jobs are still accepted).'
               if command == 'pause' else 'The queue runs jobs again.')
         return 0
-    if command == 'clear' and not numbers:
-        client.call('clearjobq')
-        print('Removed all waiting jobs.')
-        return 0
-    return _fail('Error: unknown command "%s"; see %s --help' % (' '.join([command] + [str(n) for n in numbers]),
-                                                                  name))
+    client.call('clearjobq')                   # the one command left: clear
+    print('Removed all waiting jobs.')
+    return 0
 
 
 def _fail(message, code=1):
