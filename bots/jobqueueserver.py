@@ -128,10 +128,10 @@ def reload(parts):
 
 
 def next_schedule_text(scheduler):
-    upcoming = sorted((when, name) for name, when in scheduler.next_times().items())
-    if not upcoming:
+    upcoming = scheduler.first()
+    if upcoming is None:
         return 'none (all disabled)'
-    return '[%s] at %s' % (upcoming[0][1], time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(upcoming[0][0])))
+    return '[%s] at %s' % (upcoming[1], time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(upcoming[0])))
 
 
 def shut_down(parts, signals):

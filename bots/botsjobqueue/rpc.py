@@ -206,20 +206,17 @@ class JobQueueService:
                   'waiting': [job.as_list() for job in bounded(self._queue.first(limit),
                                                                lambda job: task_size(job.task), budget)],
                   'retry_at': {str(number): when for number, when in self._queue.retry_times().items()}}
-        upcoming = sorted((when, name) for name, when in self._next_schedules().items())
+        upcoming = self.scheduler.first() if self.scheduler is not None else None
         if upcoming:
-            answer['next_schedule'] = {'schedule': upcoming[0][1], 'at': upcoming[0][0]}
+            answer['next_schedule'] = {'schedule': upcoming[1], 'at': upcoming[0]}
         return answer
-
-    def _next_schedules(self):
-        return self.scheduler.next_times() if self.scheduler is not None else {}
 
     def schedules(self):
         """Each ``[scheduleN]`` of bots.ini: section, when, task, priority, enabled, next and last
         run, and the job it last queued with its state or result."""
         if self.scheduler is None:
             return []
-        upcoming = self._next_schedules()
+        upcoming = self.scheduler.next_times()
         answer = []
         for name, schedule in sorted(self.scheduler.schedules.items()):
             entry = {'schedule': name, 'when': schedule.when, 'task': list(schedule.task),

@@ -163,7 +163,6 @@ class Scheduler:
         self._next = {}            # name -> next firing time
         self._heap = []            # (time, name), may hold stale entries
         self._overrun = set()      # schedules whose overrun was logged since their last added job
-        self._next_before = {}
         self.metrics = None        # observes the lateness of each firing, when the server has metrics
         self.replace(schedules, starting=True)
 
@@ -174,20 +173,19 @@ class Scheduler:
         now = self.clock()
         due = []
         with self._lock:
-            old = self.schedules
+            old, previous = self.schedules, self._next
             self.schedules = dict(schedules)
             self._next = {}
             self._heap = []
             for name, schedule in self.schedules.items():
                 if not schedule.enabled:
                     continue
-                if not starting and name in old and old[name].same_as(schedule) and name in self._next_before:
-                    when = self._next_before[name]
+                if not starting and name in old and old[name].same_as(schedule) and name in previous:
+                    when = previous[name]           # unchanged by the reload: its time stays
                 else:
                     when = self._first_time(schedule, now, due if starting else None)
                 self._next[name] = when
                 heapq.heappush(self._heap, (when, name))
-            self._next_before = dict(self._next)
             self._wake.notify()
         for schedule in due:
             self._fire(schedule, None)
@@ -234,7 +232,6 @@ class Scheduler:
                         # From now, not from the missed time: a clock step fires once, not a burst.
                         self._next[name] = schedule.next_after(max(now, when))
                         heapq.heappush(self._heap, (self._next[name], name))
-                        self._next_before = dict(self._next)
                         break
                     self._wake.wait(self.MAX_SLEEP if top is None else min(self.MAX_SLEEP, top[0] - now))
             self._fire(schedule, when)
@@ -269,6 +266,11 @@ class Scheduler:
     def next_times(self):
         with self._lock:
             return dict(self._next)
+
+    def first(self):
+        """``(time, name)`` of the next firing of all, or None when no schedule is enabled."""
+        with self._lock:
+            return min(((when, name) for name, when in self._next.items()), default=None)
 
 
 def _when(timestamp):
