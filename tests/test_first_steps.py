@@ -1,6 +1,6 @@
 """The README's first five minutes, step by step, on this machine without Bots: the copied
 bundled configuration is the one read, a queued job really runs, and the directory monitor
-queues the engine for a dropped file.  Only the port differs (a free one, not 28082)."""
+queues the engine for a dropped file.  Only the port differs: a free one of the test's own."""
 import os
 import re
 import shutil
@@ -32,7 +32,9 @@ def test_first_five_minutes(tmp_path):
     shutil.copytree(configuration.BUNDLED_CONFIG, str(tmp_path / 'config'))
     inifile = tmp_path / 'config' / 'bots.ini'
     port = free_port()
-    inifile.write_text(re.sub(r'(?m)^port = 28082$', 'port = %d' % port, inifile.read_text()))
+    text, replaced = re.subn(r'(?m)^port = \d+$', 'port = %d' % port, inifile.read_text())
+    assert replaced == 1
+    inifile.write_text(text)
     env = dict(os.environ, PATH=BIN + os.pathsep + os.environ.get('PATH', ''))    # the activated venv
 
     def run(*argv):

@@ -134,7 +134,7 @@ def test_without_config_here_the_bundled_configuration_is_read(tmp_path):
     """Started from a directory without config/, the programs read the bundled bots.ini (which
     enables the queue) and keep botssys in the working directory.  ``bots-dirmonitor --reload``
     shows both without contacting any server (a server of the bundled configuration would use
-    port 28082, which may be someone's)."""
+    its fixed port, where someone's server may be)."""
     from conftest import script
     import subprocess
     import re

@@ -36,8 +36,8 @@ def with_ini(tmp_path, name, text):
 
 @pytest.mark.parametrize('name', PROGRAMS)
 def test_a_bots_ini_syntax_error_names_file_and_line(tmp_path, name):
-    result, inifile = with_ini(tmp_path, name, '[jobqueue]\nenabled = True\nport 28082\n')
-    one_error_line(result, inifile, 'line 3', '"port 28082"')
+    result, inifile = with_ini(tmp_path, name, '[jobqueue]\nenabled = True\nnr_threads 2\n')
+    one_error_line(result, inifile, 'line 3', '"nr_threads 2"')
     result, inifile = with_ini(tmp_path, name, 'enabled = True\n[jobqueue]\n')
     one_error_line(result, 'line 1', 'before any [section]')
 
