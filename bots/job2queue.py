@@ -65,8 +65,8 @@ def _configured_port():
 
 
 def parse_args(argv, name='bots-job2queue'):
-    """``(configdir, priority, task)`` from the command line, Bots' rules."""
-    from .botsjobqueue.configuration import HELP_OPTIONS, split_configdir_option, usage_error
+    """``(configdir, priority, task)`` from the command line, Bots' rules; help: usage and exit 0."""
+    from .botsjobqueue.configuration import HELP_OPTIONS, print_usage, split_configdir_option, usage_error
     configdir = 'config'
     priority = 5
     task = []
@@ -89,7 +89,7 @@ def parse_args(argv, name='bots-job2queue'):
             if not 1 <= priority <= 9:
                 raise usage_error('priority should be from 1 (highest) to 9 (lowest), not %s' % priority, name)
         elif arg in HELP_OPTIONS:
-            return None
+            print_usage(USAGE, name)           # and exit 0, as every program does
         elif arg.startswith('-'):
             raise usage_error('unknown option "%s" (options come before the task)' % arg, name)
         else:
@@ -103,10 +103,7 @@ def start():
     from .botsjobqueue import configuration
     name = os.path.basename(sys.argv[0])
     try:
-        parsed = parse_args(sys.argv[1:], name)
-        if parsed is None:
-            configuration.print_usage(USAGE, name)
-        configdir, priority, task = parsed
+        configdir, priority, task = parse_args(sys.argv[1:], name)
         environment = configuration.load(configdir)
         timeout, port = environment.client_timeout, environment.port
     except configuration.ConfigError as exc:

@@ -126,11 +126,11 @@ COMMANDS = {'status': (0, 0, ''), 'history': (0, 1, '[N]'), 'show': (1, 1, 'N'),
 
 
 def parse_args(args, name):
-    """``(configdir, as_json, show_all, command, numbers)``; None for help.  Raises ConfigError."""
+    """``(configdir, as_json, show_all, command, numbers)``; help: usage and exit 0.  Raises ConfigError."""
     configdir, as_json, show_all, words = 'config', False, False, []
     for arg in args:
         if arg in configuration.HELP_OPTIONS:
-            return None
+            configuration.print_usage(USAGE, name)      # and exit 0, as every program does
         elif arg == '--json':
             as_json = True
         elif arg == '--all':
@@ -163,10 +163,7 @@ def start():
     """Console script entry point."""
     name = os.path.basename(sys.argv[0])
     try:
-        parsed = parse_args(sys.argv[1:], name)
-        if parsed is None:
-            configuration.print_usage(USAGE, name)
-        configdir, as_json, show_all, command, numbers = parsed
+        configdir, as_json, show_all, command, numbers = parse_args(sys.argv[1:], name)
         environment = configuration.load(configdir)
         timeout, port = environment.client_timeout, environment.port
     except configuration.ConfigError as exc:
