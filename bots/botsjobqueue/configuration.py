@@ -130,22 +130,19 @@ class BotsIni:
             return default
 
     def getint(self, section, option, default):
-        value = self.get(section, option, None)
-        if value is None or not value.strip():
-            return default
-        try:
-            return int(value)
-        except ValueError:
-            raise self._wrong(section, option, 'a whole number', value)
+        return self._number(section, option, default, int, 'a whole number')
 
     def getfloat(self, section, option, default):
+        return self._number(section, option, default, float, 'a number')
+
+    def _number(self, section, option, default, convert, kind):
         value = self.get(section, option, None)
         if value is None or not value.strip():
             return default
         try:
-            return float(value)
+            return convert(value)
         except ValueError:
-            raise self._wrong(section, option, 'a number', value)
+            raise self._wrong(section, option, kind, value)
 
     def getboolean(self, section, option, default):
         value = self.get(section, option, None)
