@@ -5,7 +5,7 @@ Records each run in the file named by $FAKE_ENGINE_RECORD, one JSON line
 when it starts and one when it ends (argv, pid, times), and behaves as its arguments say:
 ``--sleep=S`` runs S seconds, ``--exit=N`` ends with exit code N,
 ``--print=N`` writes N bytes of output (``--late-print=N``: after the
-sleep), ``--exit-file=F`` reads the exit
+sleep), ``--bytes=HEX`` writes the bytes HEX spells, ``--exit-file=F`` reads the exit
 code from file F (so a test can change it between runs).
 """
 import json
@@ -32,7 +32,7 @@ def write_output(size):
 def main(argv):
     record = os.environ.get('FAKE_ENGINE_RECORD')
     started = time.time()
-    sleep, exitcode, output, late_output = 0.0, 0, 0, 0
+    sleep, exitcode, output, late_output, raw = 0.0, 0, 0, 0, b''
     for arg in argv:
         if arg.startswith('--sleep='):
             sleep = float(arg[8:])
@@ -42,12 +42,16 @@ def main(argv):
             output = int(arg[8:])
         elif arg.startswith('--late-print='):
             late_output = int(arg[13:])
+        elif arg.startswith('--bytes='):
+            raw = bytes.fromhex(arg[8:])
         elif arg.startswith('--exit-file='):
             with open(arg[12:]) as handle:
                 exitcode = int(handle.read().strip() or 0)
     _record(record, {'event': 'start', 'argv': argv, 'pid': os.getpid(), 'time': started})
     print('fake engine started: %s' % ' '.join(argv), flush=True)
     write_output(output)
+    sys.stdout.buffer.write(raw)
+    sys.stdout.flush()
     time.sleep(sleep)
     write_output(late_output)
     _record(record, {'event': 'end', 'argv': argv, 'pid': os.getpid(), 'start': started, 'time': time.time()})

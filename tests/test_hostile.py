@@ -27,7 +27,7 @@ def raw_request(port, head, body=b'', timeout=10):
 
 
 def post(port, body, headers=b''):
-    head = (b'POST /RPC2 HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n'
+    head = (b'POST /RPC2 HTTP/1.1\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n'
             b'Connection: close\r\n%s\r\n' % (len(body), headers))
     return raw_request(port, head, body)
 
@@ -37,13 +37,13 @@ def still_serves(environment):
 
 
 def test_oversized_body_is_refused_before_it_is_read(server):
-    answer = raw_request(server.port, b'POST /RPC2 HTTP/1.1\r\nHost: x\r\nContent-Length: 500000000\r\n\r\n')
+    answer = raw_request(server.port, b'POST /RPC2 HTTP/1.1\r\nContent-Type: text/xml\r\nContent-Length: 500000000\r\n\r\n')
     assert answer.startswith(b'HTTP/1.1 413')
     still_serves(server)
 
 
 def test_missing_length_and_compressed_bodies_are_refused(server):
-    assert raw_request(server.port, b'POST /RPC2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
+    assert raw_request(server.port, b'POST /RPC2 HTTP/1.1\r\nContent-Type: text/xml\r\nConnection: close\r\n\r\n'
                        ).startswith(b'HTTP/1.1 411')
     assert post(server.port, b'\x1f\x8b', b'Content-Encoding: gzip\r\n').startswith(b'HTTP/1.1 415')
     still_serves(server)
@@ -82,9 +82,9 @@ def test_garbage_and_unknown_methods(server):
         with pytest.raises(xmlrpc.client.Fault, match='is not supported'):
             getattr(server.proxy(), method)(*params)
     assert server.proxy().listjobs() == []
-    assert raw_request(server.port, b'PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n'
+    assert raw_request(server.port, b'PUT / HTTP/1.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n'
                        ).startswith(b'HTTP/1.1 501')
-    assert raw_request(server.port, b'GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello'
+    assert raw_request(server.port, b'GET /health HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello'
                        ).startswith(b'HTTP/1.1 400')            # a GET with a body
     still_serves(server)
 
@@ -128,7 +128,7 @@ def test_a_request_must_arrive_whole_within_request_timeout(environment):
     answer = b''
     try:
         sock.settimeout(0.3)
-        for byte in b'POST /RPC2 HTTP/1.1\r\nHost: x\r\nX-Slow: ' + b'y' * 100:
+        for byte in b'POST /RPC2 HTTP/1.1\r\nContent-Type: text/xml\r\nX-Slow: ' + b'y' * 100:
             try:
                 sock.sendall(bytes([byte]))
                 answer += sock.recv(1000)
@@ -296,3 +296,39 @@ def test_long_tasks_in_a_long_queue_keep_every_answer_readable(environment):
     assert [job[2][1] for job in waiting] == [str(number) for number in range(300)]
     result = environment.run('bots-jobqueue', '-c' + environment.configdir, 'status')
     assert result.returncode == 0 and 'and %d more' % (300 - len(status['waiting'])) in result.stdout
+
+
+def test_refusals_are_logged_at_a_bounded_rate(server):
+    """A stream of refused requests - 64 KB tasks not authorized, bad HTTP - adds a few lines to
+    the log, not one (with the whole request) per refusal."""
+    before = os.path.getsize(os.path.join(server.botssys, 'logging', 'jobqueue.log'))
+    proxy = server.proxy()
+    big = ['/bin/sh', '-c', 'x' * 60000]
+    for _ in range(200):
+        assert proxy.addjob(big, 5) == 3
+        assert post(server.port, b'<x/>', b'Content-Length: 4\r\n').startswith(b'HTTP/1.1 400')
+    still_serves(server)
+    grown = os.path.getsize(os.path.join(server.botssys, 'logging', 'jobqueue.log')) - before
+    log = server.log()
+    print('log grew by %d bytes for 400 refusals' % grown)
+    assert log.count('not an authorized task') == 1 and log.count('Refused a request from') == 1
+    assert grown < 5000
+
+
+def test_a_count_of_the_refusals_left_out_comes_with_the_next_line(tmp_path):
+    import logging
+    from bots.botsjobqueue.botslog import RateLimited
+    logger = logging.getLogger('test.ratelimited')
+    handler = logging.FileHandler(str(tmp_path / 'log'))
+    logger.addHandler(handler)
+    now = [1000.0]
+    limited = RateLimited(logger, clock=lambda: now[0])
+    for _ in range(5):
+        limited.log(logging.WARNING, 'kind', '10.0.0.1', 'Refused %s', 'this')
+    limited.log(logging.WARNING, 'kind', '10.0.0.2', 'Refused %s', 'that')
+    now[0] += 61
+    limited.log(logging.WARNING, 'kind', '10.0.0.1', 'Refused %s', 'this')
+    handler.close()
+    assert (tmp_path / 'log').read_text().splitlines() == [
+        'Refused this', 'Refused that',
+        'Refused this (4 more like it from 10.0.0.1 in the last 60 seconds not logged)']

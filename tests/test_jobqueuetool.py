@@ -58,3 +58,23 @@ def test_server_down_and_bad_usage(environment):
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     result = tool(environment, 'show', 'x')
     assert result.returncode == 1 and 'Traceback' not in result.stderr
+
+
+def test_control_bytes_in_output_are_shown_escaped_everywhere(server):
+    """ANSI colours, a form feed, NUL and the EDIFACT level-B separators in a job's output:
+    history, history --json and show answer (escaped as \\x1c), and the log has no raw escape."""
+    raw = b'\x1b[31mred\x1b[0m page\x0cbreak nul\x00 UNB\x1cseg\x1dgrp\x1eel\x1fend \x7f\xc2\x9b\r\nline two\r\n'
+    proxy = server.proxy()
+    assert proxy.addjob(server.engine('control', '--bytes=' + raw.hex()), 5) == 0
+    wait_until(lambda: proxy.history(1), message='a finished job')
+    for args in (('history',), ('--json', 'history'), ('show', '1'), ('--json', 'show', '1')):
+        result = tool(server, *args)
+        assert result.returncode == 0 and 'Traceback' not in result.stderr, (args, result.stderr)
+    shown = tool(server, 'show', '1').stdout
+    assert '\\x1b[31mred\\x1b[0m page\\x0cbreak nul\\x00 UNB\\x1cseg\\x1dgrp\\x1eel\\x1fend \\x7f\\x9b' in shown
+    assert 'line two' in shown and '\\x0d' not in shown           # Windows line ends stay line ends
+    output = json.loads(tool(server, '--json', 'show', '1').stdout)['output']
+    assert '\\x1c' in output and '\x1c' not in output
+    wait_until(lambda: 'Output of job 1' in server.log(), message='the output in the log')
+    log = server.log()
+    assert '\x1b' not in log and '\x00' not in log and '\x1c' not in log and '\\x1b[31mred' in log

@@ -6,6 +6,9 @@ an operator wants to see on the console when a program starts.
 import logging
 import logging.handlers
 import os
+import re
+import threading
+import time
 
 from .configuration import BUNDLED_CONFIG, ConfigError, bots_version
 
@@ -75,3 +78,52 @@ def log_installation(environment, logger, program):
         logger.log(STARTINFO, '%s uses the bundled configuration, inside the installed package (there is no '
                    'config/ here).  To change it, copy that directory to config/ where you start the programs, '
                    'and edit the copy.', program)
+
+
+class RateLimited:
+    """Log lines of one kind and client at most once a minute (refusals: a stream of bad requests
+    must not fill the disk).  The next line written says how many were left out meanwhile."""
+
+    def __init__(self, logger, interval=60.0, clock=time.monotonic):
+        self.logger = logger
+        self.interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._seen = {}              # (kind, client) -> [when last written, left out since]
+
+    def log(self, level, kind, client, message, *args):
+        if not self.logger.isEnabledFor(level):
+            return
+        now = self._clock()
+        with self._lock:
+            entry = self._seen.get((kind, client))
+            if entry is not None and now - entry[0] < self.interval:
+                entry[1] += 1
+                return
+            left_out = entry[1] if entry is not None else 0
+            if len(self._seen) > 1000:          # many clients: forget the ones quiet for a while
+                self._seen = {key: value for key, value in self._seen.items() if now - value[0] < self.interval}
+            self._seen[(kind, client)] = [now, 0]
+        if left_out:
+            message += ' (%d more like it from %s in the last %d seconds not logged)'
+            args += (left_out, client, int(self.interval))
+        self.logger.log(level, message, *args)
+
+
+# What XML 1.0 cannot carry, and what a terminal takes for a command: C0 controls but tab and
+# new line (carriage return too: it hides what came before it on a terminal), DEL, C1 controls,
+# lone surrogates and the two non-characters XML refuses.
+_UNPRINTABLE = re.compile('[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]')
+
+
+def _escape(match):
+    code = ord(match.group())
+    return '\\x%02x' % code if code < 0x100 else '\\u%04x' % code
+
+
+def printable(text):
+    """``text`` with control characters, NUL, the EDIFACT separators ``\\x1c``-``\\x1f`` and escape
+    sequences shown as ``\\x1c``: safe for XML-RPC answers, the log and a terminal."""
+    if not isinstance(text, str):
+        return text
+    return _UNPRINTABLE.sub(_escape, text.replace('\r\n', '\n'))

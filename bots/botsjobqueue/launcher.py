@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 
+from .botslog import printable
 from .jobqueue import Job, canonical_task
 
 LIVE = '.live'          # beside a running job's output file: what it printed so far (see capture.py)
@@ -898,7 +899,7 @@ def read_tail(path, size):
         with open(path, 'rb') as handle:
             handle.seek(0, os.SEEK_END)
             handle.seek(max(0, handle.tell() - size))
-            return handle.read().decode('utf-8', 'replace')
+            return printable(handle.read().decode('utf-8', 'replace'))
     except OSError:
         return ''
 
@@ -908,6 +909,6 @@ def read_output(path):
         return ''
     try:
         with open(path, 'rb') as handle:
-            return handle.read().decode('utf-8', 'replace')
+            return printable(handle.read().decode('utf-8', 'replace'))
     except OSError:
         return ''

@@ -24,7 +24,10 @@ clients exhaust.  What a client can hold is bounded:
 Connections are kept open between calls (HTTP/1.1 keep-alive).
 """
 import collections
+import contextvars
 import email.utils
+import ipaddress
+import logging
 import selectors
 import socket
 import sys
@@ -34,8 +37,11 @@ import xmlrpc.client
 from xmlrpc.server import SimpleXMLRPCDispatcher
 
 from . import jobqueue
+from .botslog import RateLimited
 
 ISUP_TASK = ['isup']
+# Who sent the request being answered (the address), for the log; a schedule is 'this server'.
+CLIENT = contextvars.ContextVar('client', default='this server')
 
 
 class RPCSettings:
@@ -100,6 +106,7 @@ class JobQueueService:
         self._authorizer = authorizer
         self._settings = settings
         self._logger = logger
+        self.refusals = RateLimited(logger)
 
     def reconfigure(self, settings, authorizer):
         """A reload: new limits and authorized tasks.  (Only ``METHODS`` are served.)"""
@@ -124,7 +131,9 @@ class JobQueueService:
             self._count('no task')
             return jobqueue.NO_TASK, None
         if not self._authorizer.allows(task):
-            self._logger.warning('Refused job%s, not an authorized task: %s', origin, task)
+            client = CLIENT.get()
+            self.refusals.log(logging.WARNING, 'not authorized', client, 'Refused job%s from %s, not an authorized '
+                              'task: %s', origin, client, shortened(task))
             self._count('not authorized')
             return jobqueue.NOT_AUTHORIZED, None
         code, jobnumber, previous = self._queue.add(task, priority)
@@ -271,6 +280,12 @@ class JobQueueService:
         return 0
 
 
+def shortened(task, size=500):
+    """A task as the log shows it: its start, when it is long."""
+    text = repr(list(task))
+    return text if len(text) <= size else '%s... (%d characters)' % (text[:size], len(text))
+
+
 def bounded(items, size, budget=ANSWER_BUDGET):
     """The first of ``items`` whose sizes add up to at most ``budget`` (the first one always)."""
     chosen = []
@@ -327,6 +342,33 @@ class Connection:
         self.method = self.path = None
 
 
+# Headers whose second copy would make two servers read one request in two ways (smuggling).
+SINGLE_HEADERS = frozenset(('host', 'content-length', 'transfer-encoding', 'content-type', 'origin'))
+
+
+def own_names(host):
+    """The names of this server a Host header may give: ``localhost``, the configured host, and
+    where other machines reach it, this machine's own names."""
+    names = {'localhost', host.lower()}
+    if host not in ('127.0.0.1', 'localhost', '::1'):
+        names.update(name.lower() for name in (socket.gethostname(), socket.getfqdn()) if name)
+    return names
+
+
+def split_host(value):
+    """``(name, port)`` of ``host:port``, ``[v6]:port`` or a bare name (port 80)."""
+    if value.startswith('['):
+        name, _, rest = value[1:].partition(']')
+        port = rest[1:] if rest.startswith(':') else ''
+    else:
+        name, colon, port = value.rpartition(':')
+        if not colon:
+            name, port = value, ''
+    if not port:
+        return name, 80
+    return name, int(port) if port.isdigit() and port.isascii() else -1
+
+
 def parse_head(data):
     """``(method, path, version, headers dict, keep_alive)`` of a request head.  Raises Refusal."""
     lines = bytes(data).decode('iso-8859-1').split('\n')
@@ -347,7 +389,10 @@ def parse_head(data):
         name, colon, value = line.partition(':')
         if not colon or not name.strip():
             raise Refusal(400, 'Bad header line')
-        headers[name.strip().lower()] = value.strip()
+        name = name.strip().lower()
+        if name in headers and name in SINGLE_HEADERS:
+            raise Refusal(400, 'header %s given twice' % name)
+        headers[name] = value.strip()
     connection = headers.get('connection', '').lower()
     keep_alive = connection != 'close' and (version == 'HTTP/1.1' or connection == 'keep-alive')
     return method, path, version, headers, keep_alive
@@ -412,6 +457,8 @@ class JobQueueRPCServer:
         self._stopping = False
         self._stopped = threading.Event()
         self.pages = {}      # GET path -> function(query) returning (status, content type, body bytes)
+        self.refusals = RateLimited(logger)
+        self._own_names = own_names(settings.host)
 
     def register_service(self, service):
         """Serve the ``METHODS`` of ``service``: only those, never its other methods."""
@@ -541,6 +588,7 @@ class JobQueueRPCServer:
                         raise Refusal(431, 'request line and headers larger than %d bytes' % MAX_HEAD)
                     return
                 method, path, version, headers, keep_alive = parse_head(inbuf[:end])
+                self._check_browser_rules(method, headers)
                 connection.method, connection.path = method, path
                 connection.keep_alive = keep_alive
                 connection.head_end = end + size
@@ -555,6 +603,7 @@ class JobQueueRPCServer:
             self._buffered -= request_end
             connection.body_length = None
             if connection.method == 'POST':
+                CLIENT.set(connection.address[0])
                 answer = http_answer(200, self.dispatcher._marshaled_dispatch(body), close=not connection.keep_alive)
             else:
                 answer = self._page(connection.method, connection.path, not connection.keep_alive)
@@ -576,19 +625,56 @@ class JobQueueRPCServer:
                 code, content_type, body = 500, 'text/plain; charset=utf-8', ('error: %s\n' % exc).encode('utf-8')
         return http_answer(code, b'' if method == 'HEAD' else body, content_type, close, PAGE_HEADERS, len(body))
 
+    def _check_browser_rules(self, method, headers):
+        """Keep web pages of other sites out (SPEC 7).  Raises Refusal.
+
+        A page of another origin in the operator's browser can send a form or a ``fetch`` to
+        loopback: such a POST cannot say ``Content-Type: text/xml`` without a CORS preflight,
+        which is never granted, and it says where it comes from in ``Origin``.  DNS rebinding
+        (a site's name that comes to point at 127.0.0.1) shows in the ``Host`` header."""
+        host = headers.get('host')
+        if host is not None and not self._is_own_host(host):
+            raise Refusal(403, 'Host %r is not this server' % host[:100])
+        origin = headers.get('origin')
+        if origin is not None and not (origin.startswith('http://') and self._is_own_host(origin[7:])):
+            raise Refusal(403, 'a request from the web page of another site (Origin %r) is refused' % origin[:100])
+        if method == 'POST':
+            content_type = headers.get('content-type', '').partition(';')[0].strip().lower()
+            if content_type != 'text/xml':
+                raise Refusal(415, 'an XML-RPC request says Content-Type: text/xml')
+            if headers.get('sec-fetch-site', 'same-origin') not in ('same-origin', 'none'):
+                raise Refusal(403, 'a request from the web page of another site is refused')
+
+    def _is_own_host(self, value):
+        """True if ``value`` (a Host header, or an Origin without its scheme) names this server:
+        an address, ``localhost`` or the configured host, with this server's port.  A name of
+        another site is what DNS rebinding sends; an address cannot be rebound."""
+        name, port = split_host(value.strip().lower())
+        if port != self.settings.port:
+            return False
+        if name in self._own_names:
+            return True
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True
+
     def _body_length(self, method, headers):
         if method in ('GET', 'HEAD'):
-            if headers.get('content-length', '0') not in ('', '0'):
+            if headers.get('content-length', '0') not in ('', '0') or 'transfer-encoding' in headers:
                 raise Refusal(400, 'a GET has no body')
             return 0
         if method != 'POST':
             raise Refusal(501, 'Unsupported method (%r): XML-RPC is served by POST' % method[:20])
-        try:
-            length = int(headers.get('content-length', ''))
-        except ValueError:
-            length = -1
-        if length < 0:
+        if 'transfer-encoding' in headers:
+            raise Refusal(400, 'Transfer-Encoding is not accepted; send a Content-Length')
+        given = headers.get('content-length')
+        if given is None:
             raise Refusal(411, 'a Content-Length is required')
+        if not given.isdigit() or not given.isascii():
+            raise Refusal(400, 'Content-Length %r is not a number of bytes' % given[:40])
+        length = int(given)
         if length > self.settings.max_request_size:
             raise Refusal(413, 'request larger than %d bytes' % self.settings.max_request_size)
         if headers.get('content-encoding', 'identity').lower() != 'identity':
@@ -596,7 +682,9 @@ class JobQueueRPCServer:
         return length
 
     def _refuse(self, connection, refusal):
-        self.logger.debug('RPC %s: %d %s', connection.address[0], refusal.code, refusal.reason)
+        client = connection.address[0]
+        self.refusals.log(logging.WARNING, refusal.code, client, 'Refused a request from %s: %d %s',
+                          client, refusal.code, refusal.reason)
         self._buffered -= len(connection.inbuf)
         connection.inbuf = bytearray()
         connection.outbuf = b''

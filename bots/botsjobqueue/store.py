@@ -13,6 +13,8 @@ import sqlite3
 import threading
 import time
 
+from .botslog import printable
+
 SCHEMA = '''
 CREATE TABLE IF NOT EXISTS job (
     jobnumber   INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -288,6 +290,8 @@ class Store:
 def _history_dict(row, attempts, columns=HISTORY_COLUMNS):
     record = dict(zip(columns, row))
     record['task'] = json.loads(record['task'])
+    if record.get('output'):
+        record['output'] = printable(record['output'])     # a record kept before outputs were escaped
     if record['jobnumber'] in attempts:
         record['attempts'] = attempts[record['jobnumber']]
     if ('schedule', record['jobnumber']) in attempts:
