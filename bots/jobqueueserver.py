@@ -202,6 +202,10 @@ def serve(environment, signals):
     queue = JobQueue(store)
     launcher = Launcher(queue, store, authorizer, launch_settings, logger, reporter)
     count = restore_queue(store, queue, launcher, logger)
+    recovered = launcher.recover_outputs()
+    if recovered:
+        logger.warning('Job(s) %s ended just before the server stopped; recorded as finished, their output '
+                       'kept now.', ', '.join(map(str, recovered)))
     if count:
         logger.log(botslog.STARTINFO, 'Restored %d stored job(s); %d waiting.', count, len(queue))
     metrics = Metrics()

@@ -5,7 +5,9 @@ Records each run in the file named by $FAKE_ENGINE_RECORD, one JSON line
 when it starts and one when it ends (argv, pid, times), and behaves as its arguments say:
 ``--sleep=S`` runs S seconds, ``--exit=N`` ends with exit code N,
 ``--print=N`` writes N bytes of output (``--late-print=N``: after the
-sleep), ``--bytes=HEX`` writes the bytes HEX spells, ``--exit-file=F`` reads the exit
+sleep), ``--bytes=HEX`` writes the bytes HEX spells, ``--kill-once=F:PID:MS`` kills
+process PID with SIGKILL MS milliseconds after this run ends (only when file F
+does not exist yet; it is created), ``--exit-file=F`` reads the exit
 code from file F (so a test can change it between runs).
 """
 import json
@@ -32,7 +34,7 @@ def write_output(size):
 def main(argv):
     record = os.environ.get('FAKE_ENGINE_RECORD')
     started = time.time()
-    sleep, exitcode, output, late_output, raw = 0.0, 0, 0, 0, b''
+    sleep, exitcode, output, late_output, raw, kill_once = 0.0, 0, 0, 0, b'', None
     for arg in argv:
         if arg.startswith('--sleep='):
             sleep = float(arg[8:])
@@ -42,6 +44,8 @@ def main(argv):
             output = int(arg[8:])
         elif arg.startswith('--late-print='):
             late_output = int(arg[13:])
+        elif arg.startswith('--kill-once='):
+            kill_once = arg[12:].rsplit(':', 2)
         elif arg.startswith('--bytes='):
             raw = bytes.fromhex(arg[8:])
         elif arg.startswith('--exit-file='):
@@ -56,6 +60,13 @@ def main(argv):
     write_output(late_output)
     _record(record, {'event': 'end', 'argv': argv, 'pid': os.getpid(), 'start': started, 'time': time.time()})
     print('fake engine done', file=sys.stderr, flush=True)
+    if kill_once and not os.path.exists(kill_once[0]):
+        open(kill_once[0], 'w').close()
+        if os.fork() == 0:          # holds nothing of the job's (its output, its lock): only the timing
+            os.closerange(0, 65536)
+            time.sleep(int(kill_once[2]) / 1000.0)
+            os.kill(int(kill_once[1]), 9)
+            os._exit(0)
     return exitcode
 
 

@@ -121,3 +121,48 @@ def test_a_damaged_database_is_refused_in_one_line(environment, stop, damage):
     assert len(stderr.splitlines()) == 1 and stderr.startswith('Error: the job store ') and 'damaged' in stderr
     kept = re.search(r'a copy is kept as (\S+?)\.  ', stderr)
     assert kept and os.path.isfile(kept.group(1)), stderr
+
+
+@pytest.mark.timeout(400)
+def test_kills_aimed_at_the_end_of_a_job_leave_it_recorded_or_run_again(environment):
+    """The server killed within milliseconds of a job's end, again and again (with and without a
+    next job waiting): each job is afterwards in the history, having run once or run again -
+    never neither."""
+    environment.write_ini(jobqueue='nr_threads = 1')
+    without_trace, recorded_once, ran_again = [], 0, 0
+    rounds = 30
+    jobnumber = 0
+    for n in range(rounds):
+        environment.start_server()
+        proxy = environment.proxy()
+        marker = os.path.join(environment.root, 'killed-%d' % n)
+        delay = (n * 7) % 40            # 0..39 ms after the job's end
+        assert proxy.addjob(environment.engine('end-%d' % n, '--kill-once=%s:%d:%d'
+                                               % (marker, environment.server.pid, delay)), 5) == 0
+        jobnumber += 1
+        first = jobnumber
+        if n % 2:
+            proxy.addjob(environment.engine('next-%d' % n), 5)
+            jobnumber += 1
+        assert environment.server.wait(30) == -signal.SIGKILL
+        environment.start_server()
+        proxy = environment.proxy()
+        try:
+            wait_until(lambda: proxy.showjob(first).get('state') == 'finished', timeout=15,
+                       message='job %d in the history' % first)
+        except AssertionError:
+            without_trace.append((first, delay, proxy.showjob(first)))
+        else:
+            # Its output is kept too, collected at the restart when the server died before it could.
+            assert 'fake engine started: end-%d' % n in proxy.showjob(first).get('output', ''), proxy.showjob(first)
+        runs = [run for run in environment.runs() if run['argv'][0] == 'end-%d' % n]
+        if len(runs) == 1:
+            recorded_once += 1
+        else:
+            ran_again += 1
+        wait_until(lambda: not proxy.status()['running'] and not proxy.listjobs(), timeout=15, message='idle')
+        environment.stop_server()
+    print('\n%d aimed kills: %d recorded after one run, %d run again, %d without a trace'
+          % (rounds, recorded_once, ran_again, len(without_trace)))
+    assert without_trace == []
+    assert overlaps(sorted(environment.runs(), key=lambda run: run['start'])) == []

@@ -170,8 +170,9 @@ class JobQueue:
         """The next job, marked running.  Blocks until there is one, or returns None at once
         when ``block`` is false and there is none.  None once closed.
 
-        ``done``: the number of a job that has just ended; it leaves the store in the same
-        transaction that marks the next one running (one commit between two jobs, not two).
+        ``done``: a job that has just ended (``job``, ``started``, ``ended``, ``exitcode``,
+        ``status``); it moves to the history in the same transaction that marks the next one
+        running (one commit between two jobs, not two).
         ``runner``: the number of the runner that takes it, stored with it.
         When the store fails, the job stays first in the queue and the error is raised.
         """
@@ -190,7 +191,7 @@ class JobQueue:
                             raise
                         return job
                 if done is not None:
-                    self._store.remove(done)
+                    self._store.finish_ended(done)
                     done = None
                 if self._closed or not block:
                     return None

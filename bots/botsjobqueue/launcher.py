@@ -563,7 +563,7 @@ class Launcher:
         is none.
         """
         ended = []          # Ended jobs whose log line or output is still to come
-        done = None         # number of the job that just ended, still in the store
+        done = None         # the job that just ended, still stored as running
         trouble = StoreTrouble(self.logger, self.reporter)
         lock = None         # the runner's lock file, taken before the job is (see RunLocks)
         while True:
@@ -600,7 +600,7 @@ class Launcher:
                     end = self._wait(job, *started)
                     ended.append(end)
                     if end.leaves_queue:
-                        done = job.jobnumber
+                        done = end
                         self._between[job.jobnumber] = end.as_dict()
             except Exception:        # a bug here must not stop the queue; it is logged in full
                 self.logger.exception('Unexpected error while running job %s', job.jobnumber)
@@ -728,7 +728,7 @@ class Launcher:
             # The exit code of a process that is not our child cannot be known.
             end = self._finished(job, running.started, time.time(), None, running, stored.relay_pid)
             if end.leaves_queue:
-                self.store.remove(job.jobnumber)
+                self.store.finish_ended(end)
             self._log_ends([end])
             self._collect_outputs([end], wait=True)
         finally:
@@ -854,7 +854,7 @@ class Launcher:
             self.logger.info('Output of job %s:\n%s%s', job.jobnumber, prefix,
                              output.rstrip('\n').replace('\n', '\n' + prefix))
         if end.leaves_queue:
-            self.store.record(job, end.started, end.ended, exitcode, end.status, output)
+            self.store.set_output(job.jobnumber, output)        # its record was written at its end
             if self.metrics is not None:
                 self.metrics.job_finished(exitcode, end.status, end.ended - end.started)
             if exitcode == ENGINE_SYSTEM_ERROR or (exitcode is not None and exitcode < 0):
@@ -870,6 +870,26 @@ class Launcher:
         if self._locks is not None:
             self._locks.remove(job.jobnumber)
         self._between.pop(job.jobnumber, None)
+
+    def recover_outputs(self):
+        """Keep the outputs of jobs that were recorded as finished just before the server died,
+        before their output was collected (their files are still there).  Returns their numbers."""
+        found = {}
+        for name in os.listdir(self.settings.outputdir):
+            number, dot, extension = name.partition('.')
+            if number.isdigit() and extension in ('out', 'out' + LIVE):
+                found.setdefault(int(number), os.path.join(self.settings.outputdir, number + '.out'))
+        recovered = self.store.without_output(found)
+        for jobnumber in recovered:
+            path = found[jobnumber]
+            output = read_output(path) if os.path.exists(path) else read_output(path + LIVE)
+            self.store.set_output(jobnumber, output or '[no output was kept: the server stopped at its end]')
+            for leftover in (path, path + LIVE):
+                try:
+                    os.remove(leftover)
+                except OSError:
+                    pass
+        return recovered
 
     def between(self, jobnumber):
         """A job that is neither waiting, running nor in the history at this instant - being

@@ -207,44 +207,57 @@ class Store:
 
     # ---- running jobs
     def set_running(self, jobnumber, done=None, runner=None):
-        """Mark a job running (by ``runner``); remove job ``done`` (ended) in the same transaction."""
+        """Mark a job running (by ``runner``); move the ended job ``done`` (see ``finish_ended``)
+        to the history in the same transaction."""
         with self._lock:
-            if done is not None:
-                self._db.execute('BEGIN')
+            self._db.execute('BEGIN')
             try:
                 if done is not None:
-                    self._db.execute('DELETE FROM job WHERE jobnumber = ?', (done,))
+                    self._finish(done.job, done.started, done.ended, done.exitcode, done.status, '')
                 self._db.execute("UPDATE job SET state = 'running', started = ?, runner = ? WHERE jobnumber = ?",
                                  (time.time(), runner, jobnumber))
-                if done is not None:
-                    self._db.execute('COMMIT')
+                self._db.execute('COMMIT')
             except BaseException:
-                if done is not None:
-                    self._db.execute('ROLLBACK')
+                self._db.execute('ROLLBACK')
                 raise
+
+    def finish_ended(self, done):
+        """Move an ended job (``job``, ``started``, ``ended``, ``exitcode``, ``status``) from the
+        queue to the history, its output to come (``set_output``)."""
+        self.finish(done.job, done.started, done.ended, done.exitcode, done.status, '')
 
     def set_process(self, jobnumber, pid, pid_start, relay_pid, output):
         self._run('UPDATE job SET pid = ?, pid_start = ?, relay_pid = ?, output = ? '
                   'WHERE jobnumber = ?', (pid, pid_start, relay_pid, output, jobnumber))
 
     def finish(self, job, started, ended, exitcode, status, output):
-        """Move a job from the queue to the history, in one transaction."""
+        """Move a job from the queue to the history, in one transaction: a job that ended is
+        either still stored as running (and runs again after a crash) or in the history."""
         with self._lock:
             self._db.execute('BEGIN')
             try:
-                self._db.execute('DELETE FROM job WHERE jobnumber = ?', (job.jobnumber,))
-                self._record(job, started, ended, exitcode, status, output)
+                self._finish(job, started, ended, exitcode, status, output)
                 self._db.execute('COMMIT')
             except BaseException:
                 self._db.execute('ROLLBACK')
                 raise
 
-    def record(self, job, started, ended, exitcode, status, output):
-        """Add a finished job (already removed from the queue) to the history."""
-        with self._lock:
-            self._record(job, started, ended, exitcode, status, output)
+    def set_output(self, jobnumber, output):
+        """The kept output of a finished job (it follows the record, once it is collected)."""
+        self._run('UPDATE history SET output = ? WHERE jobnumber = ?', (output, jobnumber))
 
-    def _record(self, job, started, ended, exitcode, status, output):
+    def without_output(self, jobnumbers):
+        """Those of ``jobnumbers`` that are in the history with no output kept."""
+        wanted = set(jobnumbers)
+        if not wanted:
+            return []
+        with self._lock:
+            rows = self._db.execute("SELECT jobnumber FROM history WHERE output = '' AND jobnumber BETWEEN ? AND ?",
+                                    (min(wanted), max(wanted))).fetchall()
+        return sorted(row[0] for row in rows if row[0] in wanted)
+
+    def _finish(self, job, started, ended, exitcode, status, output):
+        self._db.execute('DELETE FROM job WHERE jobnumber = ?', (job.jobnumber,))
         self._db.execute('INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
                          (job.jobnumber, job.priority, json.dumps(list(job.task)), started, ended, exitcode,
                           status, output))
