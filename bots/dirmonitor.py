@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-from .botsjobqueue import botslog, configuration
+from .botsjobqueue import botslog, configuration, instance
 from .botsjobqueue.authorize import Authorizer
 from .botsjobqueue.signals import Signals
 from .job2queue import send_job_to_jobqueue
@@ -428,8 +428,13 @@ def ask_reload(environment, settings):
     except OSError as exc:
         raise configuration.ConfigError('Error: cannot write the trigger file %s: %s'
                                         % (settings.trigger, exc.strerror or exc))
-    print('Reload asked for: the bots-dirmonitor of "%s" re-reads it (trigger file %s).'
-          % (environment.configdir, settings.trigger))
+    if instance.runs(environment.botssys, 'bots-dirmonitor'):
+        print('Reload asked for: the bots-dirmonitor of "%s" re-reads it (trigger file %s).'
+              % (environment.configdir, settings.trigger))
+    else:
+        print('Warning: no bots-dirmonitor runs on botssys %s now; the reload waits in the trigger file %s '
+              'and the next one to start reads the configuration anyway.' % (environment.botssys, settings.trigger),
+              file=sys.stderr)
 
 
 def parse_args(argv, name):
@@ -500,6 +505,7 @@ def start():
         if reload:
             ask_reload(environment, settings)
             sys.exit(0)
+        lock = instance.hold(environment.botssys, 'bots-dirmonitor', environment.botssys)
         logger = botslog.init(environment, 'dirmonitor')
     except configuration.ConfigError as exc:
         print(exc, file=sys.stderr)
@@ -540,6 +546,7 @@ def start():
     outbox.stop()
     sender.join(settings.client_timeout + 5)
     logger.log(botslog.STARTINFO, 'Bots dirmonitor stopped.')
+    lock.close()
     sys.exit(0)
 
 

@@ -11,7 +11,7 @@ import threading
 import time
 import types
 
-from .botsjobqueue import botslog, configuration
+from .botsjobqueue import botslog, configuration, instance
 from .botsjobqueue.authorize import Authorizer
 from .botsjobqueue.jobqueue import Job, JobQueue, canonical_task
 from .botsjobqueue.launcher import Launcher, LaunchSettings
@@ -42,21 +42,6 @@ Signals:
         bots.ini with errors is logged and the one in use is kept.
 Exit codes: 0 stopped normally; 1 cannot start (configuration, port in use).
 '''
-
-
-def lock_environment(botssys):
-    """Hold a lock on the environment's queue so that a second server cannot use it too."""
-    path = os.path.join(botssys, 'jobqueue.lock')
-    handle = open(path, 'a+')
-    try:
-        import fcntl
-    except ImportError:           # Windows: the port is the guard
-        return handle
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise configuration.ConfigError('Error: another bots-jobqueueserver uses the queue in %s' % botssys)
-    return handle
 
 
 def restore_queue(store, queue, launcher, logger):
@@ -174,8 +159,7 @@ def serve(environment, signals):
     except OSError as exc:
         raise configuration.ConfigError('Error: cannot listen on %s port %s (%s); is another bots-jobqueueserver running?'
                                  % (rpc_settings.host, rpc_settings.port, exc.strerror or exc))
-    os.makedirs(environment.botssys, exist_ok=True)
-    lock = lock_environment(environment.botssys)
+    lock = instance.hold(os.path.join(environment.botssys, 'jobqueue'), 'bots-jobqueueserver', environment.botssys)
     logger = botslog.init(environment, 'jobqueue')
     launch_settings = LaunchSettings(environment)
     server = JobQueueRPCServer(rpc_settings, logger, listener)

@@ -261,3 +261,21 @@ def test_start_warns_for_a_job_the_server_would_refuse(monitored, tmp_path):
     assert 'botsengine_path: no program "%s"' % missing in log
     for section in ('dirmonitor1', 'dirmonitor2'):
         assert len(re.findall(r'WARNING.*\[%s\] the job queue server would refuse its job' % section, log)) == 1
+
+
+def test_one_dirmonitor_per_botssys_and_reload_says_when_none_runs(monitored):
+    monitored.start_server()
+    result = monitored.run('bots-dirmonitor', '-c' + monitored.configdir, '--reload')
+    assert result.returncode == 0 and 'no bots-dirmonitor runs on botssys' in result.stderr
+    monitored.monitor.start()
+    second = monitored.run('bots-dirmonitor', '-c' + monitored.configdir, timeout=30)
+    assert second.returncode == 1
+    assert second.stderr.strip() == ('Error: another bots-dirmonitor runs on botssys %s; only one may run there '
+                                     'at a time.' % monitored.botssys)
+    result = monitored.run('bots-dirmonitor', '-c' + monitored.configdir, '--reload')
+    assert result.returncode == 0 and 'Reload asked for' in result.stdout and not result.stderr
+    wait_until(lambda: 'reloads its configuration' in monitored.log('dirmonitor'), message='the reload')
+    write(monitored.inbox / 'one.edi')
+    wait_until(lambda: monitored.runs(), message='the run')
+    time.sleep(1.5)
+    assert routes(monitored) == ['inbound']           # one monitor, one run

@@ -166,3 +166,38 @@ def test_kills_aimed_at_the_end_of_a_job_leave_it_recorded_or_run_again(environm
           % (rounds, recorded_once, ran_again, len(without_trace)))
     assert without_trace == []
     assert overlaps(sorted(environment.runs(), key=lambda run: run['start'])) == []
+
+
+def test_one_server_per_botssys_even_after_its_lock_file_is_deleted(environment, tmp_path):
+    """A second server on the same botssys (another configuration, another port) is refused in
+    one line while the first runs, whatever files an operator deleted; it starts once the
+    first has stopped."""
+    import shutil
+    import subprocess
+    from conftest import free_port, script
+    environment.start_server()
+    second = tmp_path / 'second-config'
+    shutil.copytree(environment.configdir, str(second))
+    ini = (second / 'bots.ini').read_text().replace('port = %d' % environment.port, 'port = %d' % free_port())
+    ini = ini.replace('botssys = botssys', 'botssys = %s' % environment.botssys)
+    (second / 'bots.ini').write_text(ini)
+    for leftover in ('jobqueue.lock', os.path.join('jobqueue', '.bots-jobqueueserver.lock')):
+        try:
+            os.remove(os.path.join(environment.botssys, leftover))
+        except OSError:
+            pass
+    refused = subprocess.run([script('bots-jobqueueserver'), '-c%s' % second], cwd=environment.root,
+                             env=environment.env, capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == ('Error: another bots-jobqueueserver runs on botssys %s; only one may run '
+                                      'there at a time.' % environment.botssys)
+    assert environment.proxy().addjob(['isup'], 5) == 0
+    environment.stop_server()
+    started = subprocess.Popen([script('bots-jobqueueserver'), '-c%s' % second], cwd=environment.root,
+                               env=environment.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        assert started.poll() is None, started.stderr.read()
+    finally:
+        started.terminate()
+        started.wait(30)
