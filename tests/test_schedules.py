@@ -201,3 +201,61 @@ def test_the_readme_sections_for_the_five_tasks_are_valid(tmp_path):
         'schedule_daily_reports': ('0 1 * * *', 9, ['daily_reports', 'SAP_Expired_Contracts']),
         'schedule_weekly': ('0 1 * * mon', 5, ['weekly_reports']),
         'schedule_monthly': ('0 1 1 * *', 5, ['monthly_reports'])}
+
+
+def test_a_schedule_never_fired_is_caught_up_after_a_stopped_server(environment):
+    """Its first time passed while the server was down: with catchup = once it runs once."""
+    schedule_ini(environment, '[schedule_new]\nwhen = */10 * * * * *\ntask = %s first-time\n' % engine_task())
+    wait_until(lambda: 0.5 < time.time() % 10 < 1.5, timeout=15, message='the start of a 10-second slot')
+    environment.start_server()
+    assert environment.stop_server() == 0
+    assert environment.runs('start') == []           # stopped before its first time
+    time.sleep(10 - time.time() % 10 + 1.5)          # its first time passes while it is down
+    environment.start_server()
+    wait_until(lambda: 'it runs now (catchup = once)' in environment.log(), message='the catch-up')
+    wait_until(lambda: environment.runs('start'), message='the caught-up run')
+    assert environment.log().count('it runs now (catchup = once)') == 1
+
+
+LIBFAKETIME = '/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1'
+
+
+@pytest.mark.timeout(180)
+def test_a_clock_stepped_back_and_forward_silences_and_repeats_nothing(environment, tmp_path):
+    """libfaketime on the server process alone (never the machine's clock): its wall clock goes
+    back an hour while schedules of every 2 and every 3 seconds run and a job runs; then forward
+    again.  The schedules go on at their next times from the new now, the job's elapsed time is
+    its real one, and the step forward fires each schedule once, not once per missed time."""
+    assert os.path.exists(LIBFAKETIME), "this test needs Debian's faketime: apt-get install faketime"
+    offset = tmp_path / 'faketime'
+    offset.write_text('+0\n')
+    environment.server_env = {'LD_PRELOAD': LIBFAKETIME, 'FAKETIME_TIMESTAMP_FILE': str(offset),
+                              'FAKETIME_NO_CACHE': '1', 'FAKETIME_DONT_FAKE_MONOTONIC': '1'}
+    schedule_ini(environment, '[schedule_two]\nwhen = */2 * * * * *\ntask = %s two\n'
+                              '[schedule_three]\nwhen = */3 * * * * *\ntask = %s three\n'
+                 % (engine_task(), engine_task()), jobqueue='nr_threads = 2')
+    environment.start_server()
+    proxy = environment.proxy()
+
+    def fired(name):
+        return len([run for run in environment.runs('start') if run['argv'][0] == name])
+
+    wait_until(lambda: fired('two') >= 2 and fired('three') >= 2, timeout=30, message='runs before the step')
+    proxy.addjob(environment.engine('spanning', '--sleep=5'), 5)
+    wait_until(lambda: fired('spanning'), message='the spanning job to start')
+    before = fired('two'), fired('three')
+    offset.write_text('-3600\n')                     # the server's clock goes back an hour
+    wait_until(lambda: fired('two') >= before[0] + 2 and fired('three') >= before[1] + 2, timeout=30,
+               message='schedules after the clock went back')
+    assert 'The clock went back' in environment.log()
+    wait_until(lambda: 'Finished job %d' % 5 in environment.log() or 'spanning' in str(proxy.history(50)),
+               timeout=30, message='the spanning job to end')
+    record = [r for r in proxy.history(50) if r['task'][-2:] == ['spanning', '--sleep=5']][0]
+    assert 4.5 < record['ended'] - record['started'] < 9, record
+    assert '-1 day' not in environment.log()
+    forward = fired('two'), fired('three')
+    offset.write_text('+0\n')                        # and forward again: 1,800 times of 'two' were "missed"
+    time.sleep(4)
+    assert fired('two') - forward[0] <= 4 and fired('three') - forward[1] <= 4
+    assert fired('two') > forward[0] and fired('three') > forward[1]
+    assert environment.stop_server() == 0

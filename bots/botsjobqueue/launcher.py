@@ -120,7 +120,7 @@ def wait_for_pid(pid, start_time, timeout=None):
 
 
 def elapsed(seconds):
-    return str(datetime.timedelta(seconds=int(round(seconds))))
+    return str(datetime.timedelta(seconds=max(0, int(round(seconds)))))
 
 
 def signal_group(pid, signum):
@@ -430,11 +430,20 @@ class RunningJob:
         self.timed_out = False
         self.stopped_by_shutdown = False
         self.timers = []
+        # Durations come from the monotonic clock: a wall clock stepped meanwhile changes none.
+        self._since = time.monotonic() - max(0.0, time.time() - started)
+
+    def duration(self):
+        return time.monotonic() - self._since
+
+    def ended(self):
+        """When it ended, as wall time: its start plus how long it ran."""
+        return self.started + self.duration()
 
     def as_dict(self):
         return {'jobnumber': self.job.jobnumber, 'priority': self.job.priority,
                 'task': list(self.job.task), 'pid': self.pid, 'started': self.started,
-                'running_for': time.time() - self.started}
+                'running_for': self.duration()}
 
 
 class Ended:
@@ -679,7 +688,7 @@ class Launcher:
         for timer in running.timers:
             self._deadlines.cancel(timer)
         self._forget(job.jobnumber)
-        return self._finished(job, running.started, time.time(), exitcode, running, relay)
+        return self._finished(job, running.started, running.ended(), exitcode, running, relay)
 
     def still_runs(self, stored):
         """True when a job stored as running (before a restart) still runs."""
@@ -726,7 +735,7 @@ class Launcher:
                 self._deadlines.cancel(timer)
             self._forget(job.jobnumber)
             # The exit code of a process that is not our child cannot be known.
-            end = self._finished(job, running.started, time.time(), None, running, stored.relay_pid)
+            end = self._finished(job, running.started, running.ended(), None, running, stored.relay_pid)
             if end.leaves_queue:
                 self.store.finish_ended(end)
             self._log_ends([end])

@@ -12,9 +12,13 @@ second at a time, so that a clock step is noticed), and fires a schedule by
 calling ``fire`` - the server's ``addjob`` path: authorization, the duplicate
 rule, priority.  After a firing, the next time is computed from *now*: a
 clock step or a long suspend fires a schedule once, never once per missed
-time.  The time each schedule last fired is stored; at start a schedule
-whose time passed while the server was down fires once (``catchup = once``)
-or is skipped (``catchup = none``).
+time.  A wall clock stepped back (an NTP correction, a restored virtual
+machine) is noticed at the next wake-up: every schedule's next time is worked
+out again from the new "now", so none waits for the old time to come round.
+The time each schedule last fired is stored, and the time the server first saw
+it; at start a schedule whose time passed while the server was down - fired
+before or not yet - fires once (``catchup = once``) or is skipped
+(``catchup = none``).
 """
 import datetime
 import heapq
@@ -149,6 +153,7 @@ class Scheduler:
     each schedule last fired (``last_fired``, ``set_fired``)."""
 
     MAX_SLEEP = 1.0
+    STEP_BACK = 1.0            # seconds the wall clock may seem to go back before it counts as a step
 
     def __init__(self, schedules, store, fire, logger, clock=time.time):
         self.store = store
@@ -164,6 +169,7 @@ class Scheduler:
         self._heap = []            # (time, name), may hold stale entries
         self._overrun = set()      # schedules whose overrun was logged since their last added job
         self.metrics = None        # observes the lateness of each firing, when the server has metrics
+        self._seen = clock()       # the wall clock at the last look, to notice a step back
         self.replace(schedules, starting=True)
 
     # ---- configuration
@@ -194,6 +200,14 @@ class Scheduler:
         """The first firing time from now on; a missed one (the server was down) is put in ``due``
         with catchup = once."""
         last = self.store.last_fired(schedule.name)
+        if last is None:
+            # Never fired: its first time counts from when the server first saw it.
+            key = 'schedule-seen:' + schedule.name
+            seen = self.store.setting(key)
+            if seen is None:
+                self.store.set_setting(key, repr(now))
+            else:
+                last = float(seen)
         if last is not None and due is not None:
             missed = schedule.next_after(last)
             if missed <= now:
@@ -224,8 +238,11 @@ class Scheduler:
                 while True:
                     if self._stopping:
                         return
-                    top = self._live_top()
                     now = self.clock()
+                    if now < self._seen - self.STEP_BACK:
+                        self._clock_stepped_back(now)
+                    self._seen = now
+                    top = self._live_top()
                     if top is not None and top[0] <= now:
                         when, name = heapq.heappop(self._heap)
                         schedule = self.schedules[name]
@@ -235,6 +252,15 @@ class Scheduler:
                         break
                     self._wake.wait(self.MAX_SLEEP if top is None else min(self.MAX_SLEEP, top[0] - now))
             self._fire(schedule, when)
+
+    def _clock_stepped_back(self, now):
+        """(With the lock held.)  Each schedule's next time from the new ``now``, not the old one."""
+        self.logger.warning('The clock went back %d seconds; each schedule runs at its next time from now.',
+                            self._seen - now)
+        self._heap = []
+        for name in self._next:
+            self._next[name] = self.schedules[name].next_after(now)
+            heapq.heappush(self._heap, (self._next[name], name))
 
     def _live_top(self):
         heap = self._heap
