@@ -183,7 +183,7 @@ def serve(environment, signals):
     except DamagedStore as exc:
         logger.critical('%s', exc)
         raise configuration.ConfigError(str(exc))
-    queue = JobQueue(store)
+    queue = JobQueue(store, rpc_settings.max_queue_bytes)
     launcher = Launcher(queue, store, authorizer, launch_settings, logger, reporter)
     count = restore_queue(store, queue, launcher, logger)
     recovered = launcher.recover_outputs()

@@ -332,3 +332,67 @@ def test_a_count_of_the_refusals_left_out_comes_with_the_next_line(tmp_path):
     assert (tmp_path / 'log').read_text().splitlines() == [
         'Refused this', 'Refused that',
         'Refused this (4 more like it from 10.0.0.1 in the last 60 seconds not logged)']
+
+
+def test_a_small_open_files_limit_still_serves_a_crowd(environment):
+    """Started with 64 open files allowed: max_connections fits (32, said in the log), and 400
+    clients at once are all served (those beyond it wait in the backlog, none is cut off)."""
+    import resource
+    import subprocess
+    from conftest import script
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    environment.server = subprocess.Popen([script('bots-jobqueueserver'), '-c' + environment.configdir],
+                                          cwd=environment.root, env=environment.env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, preexec_fn=limit)
+    wait_until(environment._listening, message='the server to listen')
+    assert 'may open only 64 files: at most 32 connections are served at once' in environment.log()
+    results, lock = [], threading.Lock()
+
+    def client(n):
+        try:
+            answer = xmlrpc.client.ServerProxy('http://127.0.0.1:%d' % environment.port).addjob(
+                environment.engine('crowd-%d' % (n % 20)), 5)
+        except Exception as exc:
+            answer = repr(exc)
+        with lock:
+            results.append(answer)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(400)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    failed = [result for result in results if result not in (0, 4)]
+    print('\n400 clients with 64 open files: %d failed' % len(failed))
+    assert len(results) == 400 and failed == []
+    still_serves(environment)
+
+
+def test_the_waiting_tasks_are_bounded_in_bytes(environment):
+    """max_queue_bytes: past it an add gets a Fault (not stored, try again), said once in the log;
+    the jobs added before are kept, and room comes back as jobs leave."""
+    environment.write_ini(jobqueue='max_queue_bytes = 1000000\nnr_threads = 1')
+    environment.start_server()
+    proxy = environment.proxy()
+    proxy.pause()
+    added = 0
+    with pytest.raises(xmlrpc.client.Fault, match='the queue is full'):
+        for n in range(100):
+            proxy.addjob(environment.engine('%d' % n, 'x' * 60000), 5)
+            added += 1
+    assert 14 <= added <= 16
+    for n in range(5):
+        with pytest.raises(xmlrpc.client.Fault, match='not stored, try again'):
+            proxy.addjob(environment.engine('more-%d' % n, 'x' * 60000), 5)
+    assert len(proxy.listjobs()) == added
+    assert environment.log().count('The queue is full') == 1
+    assert proxy.removejob(1) == 0
+    assert proxy.addjob(environment.engine('room-again', 'x' * 60000), 5) == 0
+    assert 'The queue takes new jobs again.' in environment.log()
+    environment.stop_server()
+    environment.start_server()                   # restored jobs count too
+    with pytest.raises(xmlrpc.client.Fault, match='the queue is full'):
+        environment.proxy().addjob(environment.engine('after-restart', 'x' * 60000), 5)

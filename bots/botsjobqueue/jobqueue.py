@@ -38,6 +38,15 @@ class Job:
         return [self.priority, self.jobnumber, list(self.task)]
 
 
+class QueueFull(Exception):
+    """The waiting jobs' tasks take ``max_queue_bytes`` already: nothing more is added."""
+
+
+def task_size(task):
+    """The bytes a task takes as a command line: its arguments in UTF-8, each with its end."""
+    return sum(len(arg.encode('utf-8', 'surrogatepass')) + 1 for arg in task)
+
+
 def canonical_task(task):
     """The task as a tuple of interned strings: hashable, and cheap to keep 100,000 of."""
     return tuple(map(sys.intern, task))
@@ -46,8 +55,10 @@ def canonical_task(task):
 class JobQueue:
     """Waiting jobs, backed by a store.  All public methods are thread-safe."""
 
-    def __init__(self, store):
+    def __init__(self, store, max_bytes=None):
         self._store = store
+        self.max_bytes = max_bytes  # bound of the waiting jobs' task bytes together (None: no bound)
+        self._bytes = 0             # their task bytes now
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._heap = []          # (priority, jobnumber); may hold stale entries
@@ -70,6 +81,7 @@ class JobQueue:
             for job, not_before in jobs:
                 count += 1
                 self._by_task[job.task] = job
+                self._bytes += task_size(job.task)
                 if not_before is not None and not_before > time.time():
                     self._delay(job, not_before - time.time())
                 else:
@@ -82,7 +94,8 @@ class JobQueue:
     # ---- the Bots interface
     def add(self, task, priority):
         """Add a job; return ``(code, jobnumber, previous)`` with code ADDED or DUPLICATE, and the
-        previous priority of a waiting duplicate whose priority changed (else None)."""
+        previous priority of a waiting duplicate whose priority changed (else None).  Raises
+        QueueFull when its task would pass ``max_bytes``."""
         task = canonical_task(task)
         with self._lock:
             job = self._by_task.get(task)
@@ -96,9 +109,13 @@ class JobQueue:
                     self._compact_if_stale()
                     self._changed.notify()
                 return ADDED, job.jobnumber, previous
+            size = task_size(task)
+            if self.max_bytes is not None and self._bytes + size > self.max_bytes:
+                raise QueueFull()
             jobnumber = self._store.add(priority, list(task))
             job = Job(jobnumber, priority, task)
             self._by_task[task] = job
+            self._bytes += size
             self._waiting[jobnumber] = job
             heapq.heappush(self._heap, (priority, jobnumber))
             self._changed.notify()
@@ -145,6 +162,7 @@ class JobQueue:
             self._waiting.clear()
             self._delayed.clear()
             self._by_task.clear()
+            self._bytes = 0
             return count
 
     def remove(self, jobnumber):
@@ -158,8 +176,14 @@ class JobQueue:
                 return None
             self._store.remove(jobnumber)
             del self._by_task[job.task]
+            self._bytes -= task_size(job.task)
             self._compact_if_stale()
             return job
+
+    def size(self):
+        """The task bytes of the waiting jobs together."""
+        with self._lock:
+            return self._bytes
 
     def __len__(self):
         with self._lock:
@@ -187,6 +211,7 @@ class JobQueue:
                             # Not marked running: it is still the next job to take.
                             self._waiting[job.jobnumber] = job
                             self._by_task[job.task] = job
+                            self._bytes += task_size(job.task)
                             heapq.heappush(self._heap, (job.priority, job.jobnumber))
                             raise
                         return job
@@ -206,6 +231,7 @@ class JobQueue:
                 self._store.remove(job.jobnumber)
                 return other
             self._by_task[job.task] = job
+            self._bytes += task_size(job.task)
             if delay > 0:
                 self._store.wait_again(job.jobnumber, time.time() + delay, job.requeued, job.locked)
                 self._delay(job, delay)
@@ -252,6 +278,7 @@ class JobQueue:
             if self._is_live(entry):
                 job = self._waiting.pop(entry[1])
                 del self._by_task[job.task]
+                self._bytes -= task_size(job.task)
                 return job
         return None
 

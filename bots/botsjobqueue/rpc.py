@@ -17,9 +17,11 @@ clients exhaust.  What a client can hold is bounded:
   ``max_request_size`` (refused before it is read), all connections'
   unanswered bytes together at most ``BUFFER_BUDGET`` (past it the largest
   is closed);
-- at most ``max_connections`` connections: one more closes the one that has
-  waited longest for its request, so a client that sends its request at
-  once is served even while thousands of slow ones are open.
+- at most ``max_connections`` connections (fitted to the open-files limit):
+  one more closes the one that has waited longest for its request, once that
+  one has waited a second; until then new clients wait in the listen backlog.
+  So a client that sends its request at once is served even while thousands
+  of slow ones are open, and a crowd of quick clients is served in turn.
 
 Connections are kept open between calls (HTTP/1.1 keep-alive).
 """
@@ -37,6 +39,7 @@ import xmlrpc.client
 from xmlrpc.server import SimpleXMLRPCDispatcher
 
 from . import jobqueue
+from .jobqueue import task_size
 from .botslog import RateLimited
 
 ISUP_TASK = ['isup']
@@ -56,6 +59,7 @@ class RPCSettings:
         self.max_request_size = ini.getint('jobqueue', 'max_request_size', 1048576)
         self.max_task_size = ini.getint('jobqueue', 'max_task_size', 65536)
         self.max_task_args = ini.getint('jobqueue', 'max_task_args', 256)
+        self.max_queue_bytes = max(65536, ini.getint('jobqueue', 'max_queue_bytes', 64 * 1024 * 1024))
         loopback = self.host in ('127.0.0.1', 'localhost', '::1')
         # The status page, /health and /metrics: on by default only where only this machine reaches them.
         self.status_page = ini.getboolean('jobqueue', 'status_page', loopback)
@@ -64,11 +68,6 @@ class RPCSettings:
 # What one answer of listjobs, status or history carries at most, counted as the bytes of its
 # tasks and outputs: escaped as XML that stays well below what the clients read (16 MB).
 ANSWER_BUDGET = 2 * 1024 * 1024
-
-
-def task_size(task):
-    """The bytes a task takes as a command line: its arguments in UTF-8, each with its end."""
-    return sum(len(arg.encode('utf-8', 'surrogatepass')) + 1 for arg in task)
 
 
 def check_task(task, max_size, max_args):
@@ -107,11 +106,13 @@ class JobQueueService:
         self._settings = settings
         self._logger = logger
         self.refusals = RateLimited(logger)
+        self._full = False               # the queue was full at the last add (said once)
 
     def reconfigure(self, settings, authorizer):
         """A reload: new limits and authorized tasks.  (Only ``METHODS`` are served.)"""
         self._settings = settings
         self._authorizer = authorizer
+        self._queue.max_bytes = settings.max_queue_bytes
 
     # ---- Bots
     def addjob(self, task, priority=5):
@@ -136,7 +137,20 @@ class JobQueueService:
                               'task: %s', origin, client, shortened(task))
             self._count('not authorized')
             return jobqueue.NOT_AUTHORIZED, None
-        code, jobnumber, previous = self._queue.add(task, priority)
+        try:
+            code, jobnumber, previous = self._queue.add(task, priority)
+        except jobqueue.QueueFull:
+            self._count('queue full')
+            if not self._full:
+                self._full = True
+                self._logger.error('The queue is full: its waiting jobs take %d bytes of tasks ([jobqueue] '
+                                   'max_queue_bytes = %d); new jobs are refused until jobs have left it.',
+                                   self._queue.size(), self._queue.max_bytes)
+            raise xmlrpc.client.Fault(1, 'the queue is full ([jobqueue] max_queue_bytes = %d); the job is not '
+                                         'stored, try again later' % self._queue.max_bytes)
+        if self._full:
+            self._full = False
+            self._logger.log(25, 'The queue takes new jobs again.')
         self._count('duplicate' if code == jobqueue.DUPLICATE else None)
         if code == jobqueue.DUPLICATE:
             self._logger.info('Duplicate job%s not added: %s', origin, task)
@@ -306,6 +320,7 @@ MAX_HEAD = 65536                 # request line and headers, bytes
 MAX_HEADER_LINES = 100
 BUFFER_BUDGET = 64 * 1024 * 1024  # unanswered request bytes of all connections together
 SWEEP = 0.25                      # seconds between looks for connections past their deadline
+MAKE_ROOM_AFTER = 1.0             # a connection this young is not closed to make room for another
 
 REASONS = {100: 'Continue', 200: 'OK', 400: 'Bad Request', 403: 'Forbidden', 404: 'Not Found',
            408: 'Request Timeout', 411: 'Length Required',
@@ -412,12 +427,15 @@ def http_answer(code, body, content_type='text/xml', close=False, extra='', leng
 
 
 def raise_open_files_limit(wanted, logger):
-    """Make room for ``wanted`` open files (POSIX); return how many connections fit."""
+    """Make room for ``wanted`` open files (POSIX); return how many connections fit.
+
+    The server keeps up to 256 files for itself (the database, logs, job pipes and lock files),
+    but never more than half of a small limit: with 128 files allowed, 64 connections fit."""
     if sys.platform == 'win32':
         return min(wanted, 500)           # select() on Windows watches at most 512 sockets
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = wanted + 256                   # the database, logs, job pipes and lock files
+    need = wanted + 256
     if soft != resource.RLIM_INFINITY and soft < need:
         new = need if hard == resource.RLIM_INFINITY else min(need, hard)
         try:
@@ -426,10 +444,11 @@ def raise_open_files_limit(wanted, logger):
         except (ValueError, OSError):
             pass
     if soft != resource.RLIM_INFINITY and soft < need:
-        fits = max(1, soft - 256)
-        logger.warning('max_connections = %d, but this process may open only %d files: at most %d '
-                       'connections are served at once.', wanted, soft, fits)
-        return fits
+        fits = max(1, soft - min(256, soft // 2))
+        if fits < wanted:
+            logger.warning('max_connections = %d, but this process may open only %d files: at most %d '
+                           'connections are served at once.', wanted, soft, fits)
+            return fits
     return wanted
 
 
@@ -455,6 +474,7 @@ class JobQueueRPCServer:
         self._connections = collections.OrderedDict()     # by deadline, the earliest first
         self._buffered = 0
         self._stopping = False
+        self._accept_on = False          # the listening socket is in the selector
         self._stopped = threading.Event()
         self.pages = {}      # GET path -> function(query) returning (status, content type, body bytes)
         self.refusals = RateLimited(logger)
@@ -468,7 +488,7 @@ class JobQueueRPCServer:
     # ---- the loop
     def serve_forever(self):
         selector = self._selector
-        selector.register(self.socket, selectors.EVENT_READ, None)
+        self._accepting(True)
         selector.register(self._wakeup_read, selectors.EVENT_READ, False)
         next_sweep = time.monotonic() + SWEEP
         try:
@@ -486,6 +506,9 @@ class JobQueueRPCServer:
                 if now >= next_sweep:
                     self._sweep(now)
                     next_sweep = now + SWEEP
+                    self._accepting(True)
+                elif not self._accept_on and len(self._connections) < self.max_connections:
+                    self._accepting(True)
         finally:
             self._stopped.set()
 
@@ -509,23 +532,45 @@ class JobQueueRPCServer:
     # ---- connections
     def _accept(self):
         for _ in range(64):
+            if not self._room():
+                self._accepting(False)       # new clients wait in the listen backlog meanwhile
+                return
             try:
                 sock, address = self.socket.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:           # out of files, for one: the others are served on
-                self.logger.warning('Cannot accept a connection: %s', exc)
+                self.refusals.log(logging.WARNING, 'accept', '', 'Cannot accept a connection: %s', exc)
+                self._accepting(False)
                 return
-            if len(self._connections) >= self.max_connections:
-                oldest = next(iter(self._connections))
-                self.logger.debug('RPC %s: closed to make room (max_connections = %d)',
-                                  oldest.address[0], self.max_connections)
-                self._close(oldest)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             connection = Connection(sock, address, time.monotonic() + self.settings.request_timeout)
             self._connections[connection] = None
             self._selector.register(sock, selectors.EVENT_READ, connection)
+
+    def _room(self):
+        """True when one more connection may be taken: below ``max_connections``, or after closing
+        the one that has waited longest - if it has waited ``MAKE_ROOM_AFTER`` seconds (one that
+        has just connected is about to send its request)."""
+        if len(self._connections) < self.max_connections:
+            return True
+        oldest = next(iter(self._connections))
+        if time.monotonic() - (oldest.deadline - self.settings.request_timeout) < MAKE_ROOM_AFTER:
+            return False
+        self.logger.debug('RPC %s: closed to make room (max_connections = %d)', oldest.address[0],
+                          self.max_connections)
+        self._close(oldest)
+        return True
+
+    def _accepting(self, accept):
+        """Watch the listening socket (True) or leave new connections in its backlog (False)."""
+        if accept != self._accept_on:
+            self._accept_on = accept
+            if accept:
+                self._selector.register(self.socket, selectors.EVENT_READ, None)
+            else:
+                self._selector.unregister(self.socket)
 
     def _close(self, connection):
         if connection not in self._connections:
