@@ -432,8 +432,8 @@ def ask_reload(environment, settings):
         print('Reload asked for: the bots-dirmonitor of "%s" re-reads it (trigger file %s).'
               % (environment.configdir, settings.trigger))
     else:
-        print('Warning: no bots-dirmonitor runs on botssys %s now; the reload waits in the trigger file %s '
-              'and the next one to start reads the configuration anyway.' % (environment.botssys, settings.trigger),
+        print('Warning: no bots-dirmonitor of "%s" runs now; the reload waits in the trigger file %s, and '
+              'a monitor that starts reads the configuration anyway.' % (environment.configdir, settings.trigger),
               file=sys.stderr)
 
 

@@ -43,13 +43,18 @@ def send_job_to_jobqueue(task_args, priority=5, port=None, timeout=DEFAULT_TIMEO
     raises for an unreachable server.  ``port`` defaults to the one in the
     loaded bots.ini (Bots' global configuration) or 28082.
     """
-    from .botsjobqueue import rpcclient
     if port is None:
         port = _configured_port()
+    return _send(task_args, priority, port, timeout, host)[0]
+
+
+def _send(task_args, priority, port, timeout, host):
+    """``(code, reason)``: the server's answer, and why it is 1 (else '')."""
+    from .botsjobqueue import rpcclient
     try:
-        return rpcclient.addjob(port, task_args, priority, timeout=timeout, host=host)
-    except Exception:       # CallFailed, or a Fault for values of the wrong type: not added
-        return 1
+        return rpcclient.addjob(port, task_args, priority, timeout=timeout, host=host), ''
+    except Exception as exc:      # CallFailed, or a Fault (wrong types, a busy store): not added
+        return 1, getattr(exc, 'faultString', None) or str(exc) or type(exc).__name__
 
 
 def _configured_port():
@@ -109,9 +114,11 @@ def start():
     except configuration.ConfigError as exc:
         print(exc, file=sys.stderr)
         sys.exit(1)
-    code = send_job_to_jobqueue(task, priority, port=port, timeout=timeout)
-    print(JOBQUEUEMESSAGE2TXT.get(code, 'Error, unexpected answer %r from the jobqueue-server' % (code,)),
-          file=sys.stdout if code in (0, 4) else sys.stderr)
+    code, reason = _send(task, priority, port, timeout, '127.0.0.1')
+    message = JOBQUEUEMESSAGE2TXT.get(code, 'Error, unexpected answer %r from the jobqueue-server' % (code,))
+    if reason:                    # Bots' words, then where and why
+        message += ' (port %s: %s)' % (port, reason)
+    print(message, file=sys.stdout if code in (0, 4) else sys.stderr)
     sys.exit(code if code in JOBQUEUEMESSAGE2TXT else 1)
 
 

@@ -266,7 +266,8 @@ def test_start_warns_for_a_job_the_server_would_refuse(monitored, tmp_path):
 def test_one_dirmonitor_per_botssys_and_reload_says_when_none_runs(monitored):
     monitored.start_server()
     result = monitored.run('bots-dirmonitor', '-c' + monitored.configdir, '--reload')
-    assert result.returncode == 0 and 'no bots-dirmonitor runs on botssys' in result.stderr
+    assert result.returncode == 0 and 'Warning: no bots-dirmonitor of "%s" runs now' % monitored.configdir \
+        in result.stderr
     monitored.monitor.start()
     second = monitored.run('bots-dirmonitor', '-c' + monitored.configdir, timeout=30)
     assert second.returncode == 1

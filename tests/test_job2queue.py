@@ -78,7 +78,9 @@ def test_not_authorized(server):
 def test_server_down(environment):
     result = environment.job2queue(sys.executable, FAKE_ENGINE)
     assert result.returncode == 1
-    assert result.stderr.strip() == 'Error, job not to jobqueue. Can not contact jobqueue-server'
+    # Bots' words, then the port and the reason.
+    assert result.stderr.strip() == ('Error, job not to jobqueue. Can not contact jobqueue-server (port %d: '
+                                     '[Errno 111] Connection refused)' % environment.port)
 
 
 def test_a_hanging_server_does_not_hang_the_client(environment):
@@ -143,9 +145,9 @@ def test_without_config_here_the_bundled_configuration_is_read(tmp_path):
     assert result.returncode == 0, result.stderr
     trigger = tmp_path / 'botssys' / '.dirmonitor.trigger'
     # The installed package's own copy (site-packages, not this checkout).
-    configdir = re.match(r'Reload asked for: the bots-dirmonitor of "(.+)" re-reads it \(trigger file (.+)\)\.$',
-                         result.stdout.strip())
-    assert configdir, result.stdout
+    configdir = re.match(r'Warning: no bots-dirmonitor of "(.+)" runs now; the reload waits in the trigger file '
+                         r'(.+), and a monitor that starts reads the configuration anyway\.$', result.stderr.strip())
+    assert configdir, result.stderr
     assert configdir.group(1).endswith(os.path.join('bots', 'botsjobqueue', 'config'))
     assert os.path.isfile(os.path.join(configdir.group(1), 'bots.ini'))
     assert configdir.group(2) == str(trigger)

@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 
+from .store import StoreBusy, patiently
+
 ADDED = 0          # added, or the priority of a waiting duplicate changed
 NO_TASK = 2
 NOT_AUTHORIZED = 3
@@ -232,11 +234,13 @@ class JobQueue:
                 return other
             self._by_task[job.task] = job
             self._bytes += task_size(job.task)
+            # Rare (a shutdown, a locked engine database): worth a short wait for a busy store.
             if delay > 0:
-                self._store.wait_again(job.jobnumber, time.time() + delay, job.requeued, job.locked)
+                patiently(self._store.wait_again, job.jobnumber, time.time() + delay, job.requeued, job.locked,
+                          patience=5)
                 self._delay(job, delay)
             else:
-                self._store.wait_again(job.jobnumber, None, job.requeued, job.locked)
+                patiently(self._store.wait_again, job.jobnumber, None, job.requeued, job.locked, patience=5)
                 self._waiting[job.jobnumber] = job
                 heapq.heappush(self._heap, (job.priority, job.jobnumber))
                 self._changed.notify()
@@ -300,7 +304,11 @@ class JobQueue:
             if entry is None or self._closed:
                 return
             job = entry[0]
-            self._store.wait_again(job.jobnumber, None, job.requeued, job.locked)
+            try:
+                self._store.wait_again(job.jobnumber, None, job.requeued, job.locked)
+            except StoreBusy:                 # another process holds the store: a moment later
+                self._delay(job, 0.2)
+                return
             self._waiting[jobnumber] = job
             heapq.heappush(self._heap, (job.priority, jobnumber))
             self._changed.notify()

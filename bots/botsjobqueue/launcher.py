@@ -27,6 +27,7 @@ import time
 
 from .botslog import printable
 from .jobqueue import Job, canonical_task
+from .store import StoreBusy, patiently
 
 LIVE = '.live'          # beside a running job's output file: what it printed so far (see capture.py)
 CAPTURE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'capture.py')
@@ -262,15 +263,30 @@ class RunLocks:
 
 
 class StoreTrouble:
-    """A runner whose store fails (a full disk, a locked database) waits and tries again - 1
-    second, doubling up to a minute - rather than stop the queue; logged and reported once."""
+    """A runner whose store fails (a full disk, say) waits and tries again - 1 second, doubling
+    up to a minute - rather than stop the queue; logged and reported once.  A store that another
+    process holds locked is tried again every 0.1 s, so the queue goes on the moment it is free;
+    reported only when that lasts a minute."""
 
     def __init__(self, logger, reporter):
         self.logger = logger
         self.reporter = reporter
         self.pause = 0
+        self.busy_since = None
 
     def failed(self, exc):
+        if isinstance(exc, StoreBusy):
+            now = time.monotonic()
+            if self.busy_since is None:
+                self.busy_since = now
+                self.logger.warning('The job store is locked by another process (%s); the queue waits for it.', exc)
+            elif now - self.busy_since >= 60 and not self.pause:
+                self.pause = 0.1
+                self.reporter.report('[Bots Job Queue] - Job store locked',
+                                     'Another process has held the job store locked for a minute: no job starts '
+                                     'until it lets go.')
+            time.sleep(0.1)
+            return
         if not self.pause:
             self.logger.error('The job store fails (%s); the queue waits and tries again.', exc)
             self.reporter.report('[Bots Job Queue] - Job store fails',
@@ -280,9 +296,10 @@ class StoreTrouble:
         time.sleep(self.pause)
 
     def recovered(self):
-        if self.pause:
+        if self.pause or self.busy_since is not None:
             self.logger.log(25, 'The job store works again; the queue goes on.')
             self.pause = 0
+            self.busy_since = None
 
 
 class Deadlines:
@@ -580,7 +597,7 @@ class Launcher:
                 lock = self._locks.take_runner(runner)
             try:
                 job = self.queue.take(block=not ended, done=done, runner=runner)
-            except (sqlite3.Error, OSError) as exc:
+            except (sqlite3.Error, OSError, StoreBusy) as exc:
                 trouble.failed(exc)       # waits a while; the job is still first in the queue
                 continue
             trouble.recovered()
@@ -671,8 +688,9 @@ class Launcher:
         with self._lock:
             self.running[job.jobnumber] = running
         try:
-            self.store.set_process(job.jobnumber, process.pid, process_start_time(process.pid), relay_pid, output)
-        except (sqlite3.Error, OSError) as exc:
+            patiently(self.store.set_process, job.jobnumber, process.pid, process_start_time(process.pid), relay_pid,
+                      output, patience=30)
+        except (sqlite3.Error, OSError, StoreBusy) as exc:
             # The job is supervised all the same; after a crash its lock file tells that it runs.
             self.logger.error('Job %s (pid %s) runs, but its pid could not be stored: %s',
                               job.jobnumber, process.pid, exc)
@@ -708,7 +726,7 @@ class Launcher:
             # The server died before it stored the pid: the job is the process holding its lock.
             pid = self._locks.holder(stored)
             if pid:
-                self.store.set_process(stored.jobnumber, pid, process_start_time(pid), None, stored.output)
+                patiently(self.store.set_process, stored.jobnumber, pid, process_start_time(pid), None, stored.output)
         job = Job(stored.jobnumber, stored.priority, canonical_task(stored.task), stored.requeued, stored.locked)
         output = stored.output or self._output_path(stored.jobnumber)
         running = RunningJob(job, pid, stored.started or time.time(), output)
@@ -737,7 +755,7 @@ class Launcher:
             # The exit code of a process that is not our child cannot be known.
             end = self._finished(job, running.started, running.ended(), None, running, stored.relay_pid)
             if end.leaves_queue:
-                self.store.finish_ended(end)
+                patiently(self.store.finish_ended, end)
             self._log_ends([end])
             self._collect_outputs([end], wait=True)
         finally:
@@ -748,7 +766,7 @@ class Launcher:
         self.logger.error('Error starting job %s: %s\n    task: %s', job.jobnumber, reason, list(job.task))
         self.reporter.report('[Bots Job Queue] - Error starting job',
                              'Error starting job %s:\n    %s\n\n%s' % (job.jobnumber, list(job.task), reason))
-        self.store.finish(job, started, time.time(), None, 'cannot start', reason)
+        patiently(self.store.finish, job, started, time.time(), None, 'cannot start', reason)
         if self.metrics is not None:
             self.metrics.job_finished(None, 'cannot start', None)
 
@@ -784,8 +802,8 @@ class Launcher:
             self.logger.warning('Job %s: the engine database is locked by another run; queued again in %s seconds.',
                                 job.jobnumber, self.settings.locked_retry_delay)
             try:
-                self.store.add_attempt(job.jobnumber, end.started, end.ended, exitcode)
-            except (sqlite3.Error, OSError) as exc:      # a lost note of an attempt stops nothing
+                patiently(self.store.add_attempt, job.jobnumber, end.started, end.ended, exitcode, patience=30)
+            except (sqlite3.Error, OSError, StoreBusy) as exc:      # a lost note of an attempt stops nothing
                 self.logger.error('The run of job %s could not be kept in the history: %s', job.jobnumber, exc)
             if job.locked == self.settings.locked_report_after:
                 self.reporter.report('[Bots Job Queue] - Engine database stays locked',
@@ -863,7 +881,7 @@ class Launcher:
             self.logger.info('Output of job %s:\n%s%s', job.jobnumber, prefix,
                              output.rstrip('\n').replace('\n', '\n' + prefix))
         if end.leaves_queue:
-            self.store.set_output(job.jobnumber, output)        # its record was written at its end
+            patiently(self.store.set_output, job.jobnumber, output)     # its record was written at its end
             if self.metrics is not None:
                 self.metrics.job_finished(exitcode, end.status, end.ended - end.started)
             if exitcode == ENGINE_SYSTEM_ERROR or (exitcode is not None and exitcode < 0):
@@ -892,7 +910,7 @@ class Launcher:
         for jobnumber in recovered:
             path = found[jobnumber]
             output = read_output(path) if os.path.exists(path) else read_output(path + LIVE)
-            self.store.set_output(jobnumber, output or '[no output was kept: the server stopped at its end]')
+            patiently(self.store.set_output, jobnumber, output or '[no output was kept: the server stopped at its end]')
             for leftover in (path, path + LIVE):
                 try:
                     os.remove(leftover)

@@ -28,6 +28,7 @@ Connections are kept open between calls (HTTP/1.1 keep-alive).
 import collections
 import contextvars
 import email.utils
+import queue
 import ipaddress
 import logging
 import selectors
@@ -40,6 +41,7 @@ from xmlrpc.server import SimpleXMLRPCDispatcher
 
 from . import jobqueue
 from .jobqueue import task_size
+from .store import StoreBusy, patiently
 from .botslog import RateLimited
 
 ISUP_TASK = ['isup']
@@ -63,6 +65,7 @@ class RPCSettings:
         loopback = self.host in ('127.0.0.1', 'localhost', '::1')
         # The status page, /health and /metrics: on by default only where only this machine reaches them.
         self.status_page = ini.getboolean('jobqueue', 'status_page', loopback)
+        self.client_timeout = environment.client_timeout
 
 
 # What one answer of listjobs, status or history carries at most, counted as the bytes of its
@@ -159,7 +162,7 @@ class JobQueueService:
                               jobnumber, previous, priority, origin, task)
         else:
             if schedule is not None:
-                self._store.set_scheduled(jobnumber, schedule)
+                patiently(self._store.set_scheduled, jobnumber, schedule, patience=30)   # the scheduler's thread
             self._logger.info('Added job %s, priority %s%s: %s', jobnumber, priority, origin, task)
         return code, jobnumber
 
@@ -342,7 +345,7 @@ class Connection:
     """One client connection: what it sent so far, what it is still to receive."""
 
     __slots__ = ('sock', 'inbuf', 'outbuf', 'deadline', 'body_length', 'head_end', 'keep_alive', 'closing',
-                 'address', 'method', 'path')
+                 'address', 'method', 'path', 'waiting')
 
     def __init__(self, sock, address, deadline):
         self.sock = sock
@@ -355,6 +358,7 @@ class Connection:
         self.keep_alive = True
         self.closing = False             # close once the answer is out
         self.method = self.path = None
+        self.waiting = False             # its call waits for a busy store (see JobQueueRPCServer._retry)
 
 
 # Headers whose second copy would make two servers read one request in two ways (smuggling).
@@ -479,6 +483,11 @@ class JobQueueRPCServer:
         self.pages = {}      # GET path -> function(query) returning (status, content type, body bytes)
         self.refusals = RateLimited(logger)
         self._own_names = own_names(settings.host)
+        self._busy_call = None           # (method, params) of the call that just met a busy store
+        self._retries = queue.SimpleQueue()   # (connection, call, deadline) for the retry thread
+        self._retrying = 0               # calls handed to it and not answered yet
+        self._answers = collections.deque()   # (connection, answer bytes) from it, sent by the loop
+        threading.Thread(target=self._retry_loop, name='rpc-retry', daemon=True).start()
 
     def register_service(self, service):
         """Serve the ``METHODS`` of ``service``: only those, never its other methods."""
@@ -497,7 +506,7 @@ class JobQueueRPCServer:
                     if key.data is None:
                         self._accept()
                     elif key.data is False:
-                        pass                        # woken up to stop
+                        self._answer_retried()      # woken up: answers of retried calls, or to stop
                     elif events & selectors.EVENT_WRITE:
                         self._write(key.data)
                     else:
@@ -621,7 +630,7 @@ class JobQueueRPCServer:
 
     def _serve(self, connection):
         """Answer every request that has arrived whole.  Raises Refusal."""
-        while not connection.outbuf and not connection.closing:
+        while not connection.outbuf and not connection.closing and not connection.waiting:
             inbuf = connection.inbuf
             if connection.body_length is None:
                 end = inbuf.find(b'\r\n\r\n', 0, MAX_HEAD + 4)
@@ -649,7 +658,11 @@ class JobQueueRPCServer:
             connection.body_length = None
             if connection.method == 'POST':
                 CLIENT.set(connection.address[0])
-                answer = http_answer(200, self.dispatcher._marshaled_dispatch(body), close=not connection.keep_alive)
+                answer = self.dispatcher._marshaled_dispatch(body, self._call)
+                if self._busy_call is not None:
+                    self._retry_later(connection, self._busy_call)
+                    return
+                answer = http_answer(200, answer, close=not connection.keep_alive)
             else:
                 answer = self._page(connection.method, connection.path, not connection.keep_alive)
             self._send(connection, answer, close=not connection.keep_alive)
@@ -669,6 +682,80 @@ class JobQueueRPCServer:
                 self.logger.exception('Error making page %s', path)
                 code, content_type, body = 500, 'text/plain; charset=utf-8', ('error: %s\n' % exc).encode('utf-8')
         return http_answer(code, b'' if method == 'HEAD' else body, content_type, close, PAGE_HEADERS, len(body))
+
+    # ---- calls that meet a busy store (another process holds its lock)
+    def _call(self, method, params):
+        """Dispatch one call; one that finds the store busy is left to the retry thread (the loop
+        must answer everyone else meanwhile).  While calls wait there, adds join them, in order."""
+        self._busy_call = None
+        if self._retrying and method == 'addjob':
+            self._busy_call = (method, params)
+            return 0
+        try:
+            return self.dispatcher._dispatch(method, params)
+        except StoreBusy:
+            self._busy_call = (method, params)
+            return 0                                # not sent: the retry thread answers
+
+    def _retry_later(self, connection, call):
+        self._busy_call = None
+        connection.waiting = True
+        self._retrying += 1
+        patience = min(self.settings.client_timeout / 2, self.settings.request_timeout)
+        self._restart_deadline(connection)
+        self._retries.put((connection, call, time.monotonic() + patience, connection.address[0]))
+
+    def _retry_loop(self):
+        """Try each call again until the store lets it through or the client's patience (half of
+        ``client_timeout``) has run out: then a Fault says it was not stored."""
+        while True:
+            connection, (method, params), deadline, client = self._retries.get()
+            CLIENT.set(client)
+            while True:
+                try:
+                    answer = xmlrpc.client.dumps((self.dispatcher._dispatch(method, params),), methodresponse=True,
+                                                 allow_none=True)
+                    break
+                except StoreBusy:
+                    if time.monotonic() >= deadline:
+                        self.refusals.log(logging.WARNING, 'busy', client, 'The job store is locked by another '
+                                          'process: %s from %s is not stored; the client is told to try again.',
+                                          method, client)
+                        answer = xmlrpc.client.dumps(xmlrpc.client.Fault(
+                            1, 'the job store is locked by another process: not stored, try again'),
+                            methodresponse=True, allow_none=True)
+                        break
+                    time.sleep(0.05)
+                except xmlrpc.client.Fault as fault:
+                    answer = xmlrpc.client.dumps(fault, methodresponse=True, allow_none=True)
+                    break
+                except Exception as exc:             # as the dispatcher answers any other error
+                    answer = xmlrpc.client.dumps(xmlrpc.client.Fault(1, '%s:%s' % (type(exc), exc)),
+                                                 methodresponse=True, allow_none=True)
+                    break
+            self._answers.append((connection, answer.encode('utf-8', 'xmlcharrefreplace')))
+            try:
+                self._wakeup_write.send(b'a')
+            except OSError:
+                pass
+
+    def _answer_retried(self):
+        try:
+            self._wakeup_read.recv(4096)
+        except OSError:
+            pass
+        while self._answers:
+            connection, answer = self._answers.popleft()
+            self._retrying -= 1
+            connection.waiting = False
+            if connection in self._connections:
+                self._send(connection, http_answer(200, answer, close=not connection.keep_alive),
+                           close=not connection.keep_alive)
+            if connection in self._connections and not connection.outbuf and connection.inbuf:
+                try:
+                    self._serve(connection)           # a request sent before this answer came
+                except Refusal as refusal:
+                    self._refuse(connection, refusal)
 
     def _check_browser_rules(self, method, headers):
         """Keep web pages of other sites out (SPEC 7).  Raises Refusal.

@@ -12,6 +12,7 @@ import re
 import socket
 
 MAX_ANSWER = 16 * 1024 * 1024
+FAULT_STRING = re.compile(rb'<name>faultString</name>\s*<value>(?:<string>)?([^<]*)')
 INT_ANSWER = re.compile(rb'<params>\s*<param>\s*<value>\s*<(int|i4)>\s*(-?\d+)\s*</\1>')
 
 
@@ -30,6 +31,10 @@ def addjob(port, task, priority, timeout=10, host='127.0.0.1'):
     answer = post(host, port, body.encode('utf-8'), timeout)
     match = INT_ANSWER.search(answer)
     if match is None:
+        fault = FAULT_STRING.search(answer)
+        if fault is not None:              # why the server refused: its words
+            raise CallFailed(fault.group(1).decode('utf-8', 'replace').replace('&lt;', '<').replace(
+                '&gt;', '>').replace('&amp;', '&'))
         raise CallFailed('the server refused the request or gave an answer that is not a number')
     return int(match.group(2))
 

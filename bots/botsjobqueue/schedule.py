@@ -28,6 +28,7 @@ import threading
 import time
 
 from .configuration import ConfigError
+from .store import patiently
 
 ALIASES = {'@yearly': '0 0 1 1 *', '@annually': '0 0 1 1 *', '@monthly': '0 0 1 * *',
            '@weekly': '0 0 * * 0', '@daily': '0 0 * * *', '@midnight': '0 0 * * *', '@hourly': '0 * * * *'}
@@ -205,7 +206,7 @@ class Scheduler:
             key = 'schedule-seen:' + schedule.name
             seen = self.store.setting(key)
             if seen is None:
-                self.store.set_setting(key, repr(now))
+                patiently(self.store.set_setting, key, repr(now), patience=30)
             else:
                 last = float(seen)
         if last is not None and due is not None:
@@ -272,12 +273,13 @@ class Scheduler:
         if when is not None and self.metrics is not None:
             self.metrics.lateness.observe(max(0.0, self.clock() - when))
         try:
-            code, jobnumber = self.fire(schedule)
+            code, jobnumber = patiently(self.fire, schedule, patience=30)
         except Exception as exc:        # a store or a bug: logged, and the next time comes all the same
             self.logger.error('Schedule [%s] could not queue its job: %s', schedule.name, exc)
             return
         try:
-            self.store.set_fired(schedule.name, when if when is not None else self.clock(), jobnumber)
+            patiently(self.store.set_fired, schedule.name, when if when is not None else self.clock(), jobnumber,
+                      patience=30)
         except Exception as exc:
             self.logger.error('Schedule [%s]: when it fired could not be stored: %s', schedule.name, exc)
         if code == 4:

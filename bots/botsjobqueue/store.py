@@ -4,6 +4,13 @@ Every change the queue acknowledges is committed before the answer goes out,
 so a server killed at any moment comes back with every acknowledged job.  The
 database runs in WAL mode with ``synchronous=NORMAL``: a commit survives the
 death of the process; after a power loss the last commits may be missing.
+
+Another process may hold the database's write lock (an operator's ``sqlite3``
+session, a backup tool).  Reads go on meanwhile (WAL); a write waits at most
+``BUSY_WAIT`` and then raises ``StoreBusy``, so that no lock of the server is
+held for long: callers that can wait try again with ``patiently()``, an
+``addjob`` is retried apart from the RPC front until the client's patience
+runs out.
 """
 import collections
 import json
@@ -71,6 +78,30 @@ StoredJob = collections.namedtuple('StoredJob', COLUMNS)
 StoredJob.__doc__ = 'A job as it comes back from the database at start-up (its task decoded).'
 
 
+BUSY_WAIT = 0.05     # seconds a write waits for another process's lock before StoreBusy
+
+
+class StoreBusy(Exception):
+    """Another process holds the database's write lock; nothing was written."""
+
+
+def _busy(exc):
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and ('locked' in text or 'busy' in text)
+
+
+def patiently(call, *args, patience=600.0, pause=0.05):
+    """``call(*args)``, tried again while the store is busy, for up to ``patience`` seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return call(*args)
+        except StoreBusy:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(pause)
+
+
 class DamagedStore(Exception):
     """The database cannot be trusted; its text is one line for the operator."""
 
@@ -113,7 +144,8 @@ class Store:
         self._lock = threading.Lock()
         check_damage(path)
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db = sqlite3.connect(path, timeout=BUSY_WAIT, isolation_level=None, check_same_thread=False)
+            self._db.execute('PRAGMA busy_timeout = 30000')     # at start, another process may finish first
             problems = [row[0] for row in self._db.execute('PRAGMA quick_check')]
             if problems != ['ok']:
                 raise sqlite3.DatabaseError(problems[0])
@@ -124,7 +156,11 @@ class Store:
             for column, kind in (('runner', 'INTEGER'), ('added', 'REAL')):       # a store of an older version
                 if column not in columns:
                     self._db.execute('ALTER TABLE job ADD COLUMN %s %s' % (column, kind))
+            self._db.execute('PRAGMA busy_timeout = %d' % (BUSY_WAIT * 1000))
         except sqlite3.DatabaseError as exc:
+            if _busy(exc):
+                raise DamagedStore('Error: the job store %s is locked by another process (an sqlite3 session, a '
+                                   'backup?); end that and start again.' % path)
             raise DamagedStore(_damaged(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
 
     def close(self):
@@ -133,7 +169,29 @@ class Store:
 
     def _run(self, sql, params=()):
         with self._lock:
-            return self._db.execute(sql, params)
+            try:
+                return self._db.execute(sql, params)
+            except sqlite3.OperationalError as exc:
+                if _busy(exc):
+                    raise StoreBusy(str(exc)) from exc
+                raise
+
+    def _transaction(self, *steps):
+        """Run ``steps`` (functions of no argument) in one transaction; StoreBusy when locked."""
+        with self._lock:
+            try:
+                self._db.execute('BEGIN')
+                try:
+                    for step in steps:
+                        step()
+                    self._db.execute('COMMIT')
+                except BaseException:
+                    self._db.execute('ROLLBACK')
+                    raise
+            except sqlite3.OperationalError as exc:
+                if _busy(exc):
+                    raise StoreBusy(str(exc)) from exc
+                raise
 
     # ---- start-up
     def load(self):
@@ -209,17 +267,11 @@ class Store:
     def set_running(self, jobnumber, done=None, runner=None):
         """Mark a job running (by ``runner``); move the ended job ``done`` (see ``finish_ended``)
         to the history in the same transaction."""
-        with self._lock:
-            self._db.execute('BEGIN')
-            try:
-                if done is not None:
-                    self._finish(done.job, done.started, done.ended, done.exitcode, done.status, '')
-                self._db.execute("UPDATE job SET state = 'running', started = ?, runner = ? WHERE jobnumber = ?",
-                                 (time.time(), runner, jobnumber))
-                self._db.execute('COMMIT')
-            except BaseException:
-                self._db.execute('ROLLBACK')
-                raise
+        steps = [lambda: self._db.execute("UPDATE job SET state = 'running', started = ?, runner = ? "
+                                          "WHERE jobnumber = ?", (time.time(), runner, jobnumber))]
+        if done is not None:
+            steps.insert(0, lambda: self._finish(done.job, done.started, done.ended, done.exitcode, done.status, ''))
+        self._transaction(*steps)
 
     def finish_ended(self, done):
         """Move an ended job (``job``, ``started``, ``ended``, ``exitcode``, ``status``) from the
@@ -233,14 +285,7 @@ class Store:
     def finish(self, job, started, ended, exitcode, status, output):
         """Move a job from the queue to the history, in one transaction: a job that ended is
         either still stored as running (and runs again after a crash) or in the history."""
-        with self._lock:
-            self._db.execute('BEGIN')
-            try:
-                self._finish(job, started, ended, exitcode, status, output)
-                self._db.execute('COMMIT')
-            except BaseException:
-                self._db.execute('ROLLBACK')
-                raise
+        self._transaction(lambda: self._finish(job, started, ended, exitcode, status, output))
 
     def set_output(self, jobnumber, output):
         """The kept output of a finished job (it follows the record, once it is collected)."""
