@@ -190,3 +190,32 @@ def _is_keeper_of(pid, environment):
     except (OSError, ValueError, IndexError):
         return False
     return b'--serve' in argv and parent == environment.server.pid
+
+
+def test_a_killed_output_keeper_loses_no_output_silently_and_delays_no_job(environment):
+    """The keeper is killed while a job floods, one is quiet and one prints in bursts: the new
+    keeper takes every pipe at once; each output that lost bytes says so in one line, none is
+    empty without a note, and the next job starts at once."""
+    environment.write_ini(jobqueue='nr_threads = 3')
+    environment.start_server()
+    proxy = environment.proxy()
+    proxy.addjob(environment.engine('flood', '--print=300000', '--sleep=3', '--late-print=5000'), 5)
+    proxy.addjob(environment.engine('quiet', '--sleep=3'), 5)
+    proxy.addjob(environment.engine('burst', '--print=2000', '--sleep=2.5', '--late-print=2000'), 5)
+    wait_until(lambda: len(environment.runs('start')) == 3, message='three jobs to run')
+    time.sleep(1.5)                       # their first output is with the keeper (and its snapshots)
+    keepers = [pid for pid in map(int, filter(str.isdigit, os.listdir('/proc'))) if _is_keeper_of(pid, environment)]
+    os.kill(keepers[0], signal.SIGKILL)
+    wait_until(lambda: 'output keeper (pid %d) is gone' % keepers[0] in environment.log(), message='the new keeper')
+    asked = time.monotonic()
+    proxy.addjob(environment.engine('next'), 5)
+    wait_until(lambda: 'next' in [run['argv'][0] for run in environment.runs('start')], message='the next job')
+    assert time.monotonic() - asked < 3
+    history = wait_until(lambda: len(proxy.history(10)) == 4 and all('output' in r for r in proxy.history(10))
+                         and proxy.history(10), timeout=30, message='four finished jobs with outputs')
+    outputs = {record['task'][2]: record['output'] for record in history}
+    note = 'the output keeper was restarted here: output before this line may be missing'
+    assert outputs['flood'].count(note) == 1 and 'fake engine done' in outputs['flood']
+    assert outputs['burst'].count(note) == 1 and 'fake engine done' in outputs['burst']
+    assert 'fake engine done' in outputs['quiet'] and outputs['next'].startswith('fake engine started: next')
+    assert all(output.strip() for output in outputs.values())

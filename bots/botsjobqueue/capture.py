@@ -80,6 +80,21 @@ def snapshot(path, kept, now):
         pass
 
 
+TAKEN_OVER = b'\n[... the output keeper was restarted here: output before this line may be missing ...]\n'
+
+
+def take_over(path, limit):
+    """What is kept of a job whose keeper died: the end it had shown (its snapshot), and a line
+    that says output may be missing - when it had read anything at all."""
+    kept = Kept(limit)
+    try:
+        with open(path + '.live', 'rb') as handle:
+            kept.add(handle.read() + TAKEN_OVER)
+    except OSError:
+        pass                      # it had read nothing: nothing is missing
+    return kept
+
+
 def serve(control, limit):
     """Keep the outputs handed over on ``control`` until it is closed and every pipe has ended."""
     selector = selectors.DefaultSelector()
@@ -103,7 +118,10 @@ def serve(control, limit):
                     selector.unregister(control)
                     control_open = False
                     continue
-                pipes[fds[0]] = (message.decode('utf-8', 'surrogateescape'), Kept(limit))
+                taken_over = message.startswith(b'+')      # from a keeper that died: see take_over()
+                path = message[1:] if taken_over else message
+                path = path.decode('utf-8', 'surrogateescape')
+                pipes[fds[0]] = (path, take_over(path, limit) if taken_over else Kept(limit))
                 selector.register(fds[0], selectors.EVENT_READ, True)
                 continue
             path, kept = pipes[key.fd]

@@ -30,6 +30,7 @@ from .jobqueue import Job, canonical_task
 from .store import StoreBusy, patiently
 
 LIVE = '.live'          # beside a running job's output file: what it printed so far (see capture.py)
+LOST = 'lost'           # the error of an output whose keeper died before it wrote the file
 CAPTURE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'capture.py')
 
 # Test hook: the fault tests set this to kill the server at a chosen instant of a start.
@@ -396,17 +397,25 @@ class OutputKeeper:
         if read_fd is not None:
             os.close(read_fd)
 
-    def _send(self, path, read_fd):
-        socket.send_fds(self._socket, [path.encode('utf-8', 'surrogateescape')], [read_fd])
+    def _send(self, path, read_fd, taken_over=False):
+        socket.send_fds(self._socket, [(b'+' if taken_over else b'') + path.encode('utf-8', 'surrogateescape')],
+                        [read_fd])
 
     def _replace(self):
-        """(With the lock held.)  The keeper is gone: a new one gets the pipes of all running jobs."""
+        """(With the lock held.)  The keeper is gone: a new one gets the pipes of all running jobs
+        at once (what the old one had read is lost but for its last snapshot, and the kept output
+        says so); the outputs of jobs that had ended and were not written yet are lost, and said
+        to be, so that nobody waits for them."""
         self.logger.warning('The output keeper (pid %s) is gone; starting a new one.', self.process.pid)
         self.process.poll()
         self._socket.close()
         self._start()
         for path, read_fd in self._open.items():
-            self._send(path, read_fd)
+            self._send(path, read_fd, taken_over=True)
+        for path in [path for path in self._done if path not in self._open]:
+            done = self._done.pop(path)
+            done.error = None if os.path.exists(path) else LOST
+            done.set()
 
     def _listen(self, sock):
         while True:
@@ -872,7 +881,13 @@ class Launcher:
         job, exitcode = end.job, end.exitcode
         output = read_output(end.output_file)
         error = getattr(end.relay, 'error', None)
-        if error:
+        if error == LOST:
+            self.logger.warning('The output of job %s was lost: the output keeper stopped before it was written.',
+                                job.jobnumber)
+            output = read_output(end.output_file + LIVE)
+            output += '\n[... the output keeper stopped before it wrote this output: only its last snapshot is kept ...]\n' \
+                if output else '[the output keeper stopped before it wrote this output: it is lost]'
+        elif error:
             self.logger.warning('The output of job %s could not be kept: %s', job.jobnumber, error)
             output = '[the output could not be kept: %s]' % error
         if output:
@@ -890,10 +905,11 @@ class Launcher:
                                      % (job.jobnumber, exitcode, elapsed(end.ended - end.started), list(job.task),
                                         output))
         if end.output_file:
-            try:
-                os.remove(end.output_file)
-            except OSError:
-                pass
+            for leftover in (end.output_file, end.output_file + LIVE):
+                try:
+                    os.remove(leftover)
+                except OSError:
+                    pass
         if self._locks is not None:
             self._locks.remove(job.jobnumber)
         self._between.pop(job.jobnumber, None)
