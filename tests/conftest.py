@@ -41,6 +41,13 @@ def wait_until(predicate, timeout=20, interval=0.02, message='condition'):
     raise AssertionError('timed out waiting for %s' % message)
 
 
+def finished_output(proxy, jobnumber, timeout=20):
+    """The kept output of a finished job, once it is there (its record comes at its end, its
+    output moments later)."""
+    return wait_until(lambda: proxy.showjob(jobnumber).get('output'), timeout=timeout,
+                      message='the output of job %d' % jobnumber)
+
+
 class Environment:
     """A Bots environment: config/bots.ini, botssys/, and the fake engine's record."""
 

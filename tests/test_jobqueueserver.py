@@ -8,7 +8,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import FAKE_ENGINE, wait_until
+from conftest import finished_output, FAKE_ENGINE, wait_until
 
 
 def test_jobs_run_in_priority_order_then_first_come_first_served(server):
@@ -275,7 +275,7 @@ def test_output_of_a_job_is_bounded(environment):
     assert 'fake engine done' in log                 # the end of the output is kept
     assert 'fake engine started: chatty' in log      # and its start
     assert len(log) < 30000
-    output = environment.proxy().showjob(1)['output']
+    output = finished_output(environment.proxy(), 1)
     total = len('fake engine started: chatty --print=5000000\n') + 5000000 + len('fake engine done\n')
     marker = '\n[... %d bytes of output left out ...]\n' % (total - 10000)
     assert marker in output and len(output) == 10000 + len(marker)
@@ -295,8 +295,7 @@ def test_output_that_cannot_be_kept_is_said(environment):
     environment.proxy().addjob(environment.engine('unkept'), 5)
     wait_until(lambda: 'could not be kept' in environment.log(), message='the lost output to be said')
     assert 'WARNING  : The output of job 1 could not be kept: [Errno 20] Not a directory' in environment.log()
-    wait_until(lambda: environment.proxy().showjob(1).get('state') == 'finished', message='the history')
-    assert environment.proxy().showjob(1)['output'].startswith('[the output could not be kept: ')
+    assert finished_output(environment.proxy(), 1).startswith('[the output could not be kept: ')
     assert environment.runs()[0]['argv'] == ['unkept']
 
 

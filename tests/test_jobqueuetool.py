@@ -1,7 +1,7 @@
 """bots-jobqueue, the operator's view, against a real server."""
 import json
 
-from conftest import wait_until
+from conftest import finished_output, wait_until
 
 
 def tool(environment, *args):
@@ -66,7 +66,7 @@ def test_control_bytes_in_output_are_shown_escaped_everywhere(server):
     raw = b'\x1b[31mred\x1b[0m page\x0cbreak nul\x00 UNB\x1cseg\x1dgrp\x1eel\x1fend \x7f\xc2\x9b\r\nline two\r\n'
     proxy = server.proxy()
     assert proxy.addjob(server.engine('control', '--bytes=' + raw.hex()), 5) == 0
-    wait_until(lambda: proxy.history(1), message='a finished job')
+    finished_output(proxy, 1)
     for args in (('history',), ('--json', 'history'), ('show', '1'), ('--json', 'show', '1')):
         result = tool(server, *args)
         assert result.returncode == 0 and 'Traceback' not in result.stderr, (args, result.stderr)

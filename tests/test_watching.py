@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import TESTS, wait_until
+from conftest import finished_output, TESTS, wait_until
 
 CHROMIUM = shutil.which('chromium') or '/usr/bin/chromium'
 SCREENSHOT = os.path.join(TESTS, 'screenshots', 'status-page.png')     # shown in README.rst
@@ -108,7 +108,7 @@ def test_output_is_text_never_markup(environment, tmp_path):
     environment.start_server()
     proxy = environment.proxy()
     proxy.addjob(environment.engine('hostile', HOSTILE), 5)
-    wait_until(lambda: proxy.history(1), message='the hostile job to finish')
+    finished_output(proxy, 1)
     status, headers, body = get(environment, '/output?job=1')
     assert status == 200 and headers['Content-Type'] == 'text/plain; charset=utf-8'
     assert headers['X-Content-Type-Options'] == 'nosniff' and HOSTILE.encode() in body
