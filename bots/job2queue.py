@@ -72,7 +72,7 @@ def _configured_port():
 def parse_args(argv, name='bots-job2queue'):
     """``(configdir, priority, task)`` from the command line, Bots' rules; help: usage and exit 0."""
     from .botsjobqueue.configuration import HELP_OPTIONS, print_usage, split_configdir_option, usage_error
-    configdir = 'config'
+    configdir = None
     priority = 5
     task = []
     for arg in argv:

@@ -23,6 +23,12 @@ from .botsjobqueue.statuspage import StatusPages
 from .botsjobqueue.signals import Signals
 from .botsjobqueue.store import DamagedStore, Store
 
+# Bots 4's own bots-job2queue (beside this server it is Bots', inside Bots ours replaces it) reads
+# this name from the server's module: the engine's bare name and where the PATH has it.
+AUTHORIZED_TASKS = ['bots-engine'] + sorted({os.path.join(directory, 'bots-engine') for directory in
+                                             os.environ.get('PATH', '').split(os.pathsep) if directory
+                                             and os.path.isfile(os.path.join(directory, 'bots-engine'))})
+
 USAGE = '''\
 This is "%(name)s" version %(version)s, the job queue server of Bots.
 Runs the jobs put on the queue (by bots-job2queue, the monitor's Run menu or

@@ -14,6 +14,7 @@ import xmlrpc.client
 import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT_DIR = os.path.dirname(TESTS)
 FAKE_ENGINE = os.path.join(TESTS, 'fake_engine.py')
 BIN = os.path.dirname(sys.executable)
 
@@ -171,3 +172,17 @@ def server(environment):
     """A running server in a fresh environment."""
     environment.start_server()
     return environment
+
+
+@pytest.fixture(scope='session')
+def wheel(tmp_path_factory):
+    """This project, built once as a wheel."""
+    out = tmp_path_factory.mktemp('wheel')
+    build = tmp_path_factory.mktemp('source')
+    source = os.path.join(str(build), 'project')
+    shutil.copytree(ROOT_DIR, source, ignore=shutil.ignore_patterns('.venv', '.git', 'build', '*.egg-info',
+                                                                  '__pycache__', '.pytest_cache', '.hypothesis'))
+    built = subprocess.run([sys.executable, '-m', 'pip', '--disable-pip-version-check', '-q', 'wheel', '--no-deps',
+                            '-w', str(out), source], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
+    return os.path.join(str(out), os.listdir(str(out))[0])

@@ -181,18 +181,6 @@ MONITOR_CALL = textwrap.dedent('''\
     ''')
 
 
-@pytest.fixture(scope='session')
-def wheel(tmp_path_factory):
-    """This project, built once as a wheel."""
-    out = tmp_path_factory.mktemp('wheel')
-    build = tmp_path_factory.mktemp('source')
-    source = os.path.join(str(build), 'project')
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns('.venv', '.git', 'build', '*.egg-info',
-                                                                  '__pycache__', '.pytest_cache', '.hypothesis'))
-    pip(sys.executable, 'wheel', '--no-deps', '-w', str(out), source)
-    return os.path.join(str(out), os.listdir(str(out))[0])
-
-
 @pytest.fixture(scope='module')
 def into_bots(tmp_path_factory, wheel):
     """Bots' Python with this project installed into it."""

@@ -119,6 +119,9 @@ class Authorizer:
             if found:
                 self.programs.setdefault(found[1], found[0])
         self.engines = set(self.programs)
+        if not any(self._resolve(name) for name in ENGINE_NAMES):
+            self.problems.append('No bots-engine or bots-engine.py on the PATH or in %s: a task that names the '
+                                 'engine by its bare name is refused (answer 3).' % os.pathsep.join(self.search_dirs))
         for entry in split_authorized_tasks(authorized_tasks):
             if entry != '*':
                 found = self._configured(entry, '[jobqueue] authorized_tasks')
@@ -156,6 +159,10 @@ class Authorizer:
 
     def _check(self, task, resolve):
         found = resolve(task[0])
+        if found is None and task[0] in ENGINE_NAMES:
+            # bots-engine and bots-engine.py are one program: Bots' pages write the one, pip
+            # installs the other.  The bare name runs whichever the server found.
+            found = next(filter(None, map(resolve, ENGINE_NAMES)), None)
         if self.allow_all:
             return [found[0] if found else task[0]] + list(task[1:])
         if found is None:

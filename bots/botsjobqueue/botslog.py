@@ -24,6 +24,19 @@ logging.logMultiprocessing = False
 
 LOG_FORMAT = '%(asctime)s %(levelname)-9s: %(message)s'
 DATE_FORMAT = '%Y%m%d %H:%M:%S'
+# Bots 4's: the program's logger name in brackets, another date format.
+BOTS4_LOG_FORMAT = '%(asctime)s %(levelname)-9s [%(name)s] %(message)s'
+BOTS4_DATE_FORMAT = '%Y.%m.%d %H:%M:%S'
+BOTS4_LOGGER = {'jobqueue': 'bots.jobqueueserver', 'dirmonitor': 'bots.dirmonitor'}
+
+
+def zone_converter(zone):
+    """A Formatter converter that shows times in ``zone`` (where TZ cannot be set: Windows)."""
+    import datetime
+
+    def converter(timestamp):
+        return datetime.datetime.fromtimestamp(timestamp, zone).timetuple()
+    return converter
 
 
 def _level(ini, section, option, default):
@@ -37,19 +50,25 @@ def _level(ini, section, option, default):
 def init(environment, process_name):
     """Set up the logger ``bots.<process_name>`` as bots.ini's section [process_name] says."""
     ini = environment.ini
-    logger = logging.getLogger('bots.' + process_name)
+    name = BOTS4_LOGGER[process_name] if environment.bots4 else 'bots.' + process_name
+    logger = logging.getLogger(name)
     logger.handlers[:] = []
     logger.propagate = False
-    formatter = logging.Formatter(LOG_FORMAT, DATE_FORMAT)
+    if environment.bots4:
+        formatter = logging.Formatter(BOTS4_LOG_FORMAT, BOTS4_DATE_FORMAT)
+    else:
+        formatter = logging.Formatter(LOG_FORMAT, DATE_FORMAT)
+    if environment.time_zone is not None and not hasattr(time, 'tzset'):
+        formatter.converter = zone_converter(environment.time_zone)
     file_level = _level(ini, process_name, 'log_file_level', 'INFO')
     levels = [file_level]
+    path = environment.logfile(process_name)
     try:
-        os.makedirs(environment.logdir, exist_ok=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         handler = logging.handlers.TimedRotatingFileHandler(
-            os.path.join(environment.logdir, process_name + '.log'), when='midnight',
-            backupCount=ini.getint(process_name, 'log_file_number', 30), encoding='utf-8')
+            path, when='midnight', backupCount=ini.getint(process_name, 'log_file_number', 30), encoding='utf-8')
     except OSError as exc:
-        raise ConfigError('Error: cannot write the log in %s: %s' % (environment.logdir, exc.strerror))
+        raise ConfigError('Error: cannot write the log in %s: %s' % (os.path.dirname(path), exc.strerror))
     handler.setFormatter(formatter)
     handler.setLevel(file_level)
     logger.addHandler(handler)
@@ -65,7 +84,12 @@ def init(environment, process_name):
 
 
 def log_installation(environment, logger, program):
-    """Say which Bots installation ``program`` serves, or that it runs on its own."""
+    """Say which Bots installation ``program`` serves, or that it runs on its own; which rule
+    chose the configuration directory; the time zone of its clock."""
+    logger.log(STARTINFO, '%s configuration directory chosen by %s.', program, environment.rule)
+    if environment.time_zone is not None:
+        logger.log(STARTINFO, '%s keeps the time of %s (TIME_ZONE of %s).', program, environment.time_zone,
+                   os.path.join(environment.configdir, 'settings.py'))
     if environment.bots_dir:
         logger.log(STARTINFO, '%s serves Bots %s in "%s" (%s); botssys: "%s".', program,
                    bots_version(environment.bots_dir) or '(version unknown)', environment.bots_dir,

@@ -16,6 +16,20 @@ lead depends on where the package is installed:
 - *standalone* (own virtual environment, a checkout): from the working
   directory; when there is no ``config`` there, the configuration bundled with
   this package (``bots/botsjobqueue/config``) is used.
+
+Bots 4 keeps its configuration outside its package: without ``-c``, inside
+Bots 4, the directory is ``$BOTS_CONFIG_DIR``, else
+``~/.bots/env/$BOTSENV/config`` (``BOTSENV`` by default ``default``), as
+Bots 4's ``botsinit.generalinit`` chooses it.  A relative botssys of a Bots 4
+configuration lies beside that directory (in its Bots environment), and its
+logs go where Bots 4 keeps them, in its format.  Beside Bots 4, the Bots
+installation is the one of the configured ``python_executable_path``, else
+of the ``bots-engine`` on the PATH.
+
+Times: where the configuration's ``settings.py`` names Django's
+``TIME_ZONE``, the programs keep that zone's clock, as Bots' own programs
+do (Django sets it for the whole process): the log, the schedules' default
+zone and the times ``bots-jobqueue`` shows.
 """
 import configparser
 import functools
@@ -37,10 +51,108 @@ def bots_dir():
     return None
 
 
+def bots_generation(directory):
+    """4 for Bots 4 (its configuration lives outside its package), 3 for Bots 3."""
+    try:
+        with open(os.path.join(directory, 'botsinit.py'), encoding='utf-8', errors='replace') as handle:
+            return 4 if 'BOTS_CONFIG_DIR' in handle.read() else 3
+    except OSError:
+        return 3
+
+
+def bots4_configdir():
+    """``(directory, rule)``: the configuration directory Bots 4 reads without ``-c``."""
+    if os.environ.get('BOTS_CONFIG_DIR'):
+        return os.path.abspath(os.path.normpath(os.environ['BOTS_CONFIG_DIR'])), '$BOTS_CONFIG_DIR'
+    env = os.environ.get('BOTSENV') or 'default'
+    rule = '$BOTSENV (~/.bots/env/%s/config)' % env if os.environ.get('BOTSENV') else \
+        'the default Bots 4 environment (~/.bots/env/default/config; no $BOTS_CONFIG_DIR or $BOTSENV)'
+    return os.path.join(os.path.expanduser('~'), '.bots', 'env', env, 'config'), rule
+
+
+def is_bots4_config(configdir):
+    """True for a configuration directory of Bots 4 (its settings.py works out its Bots
+    environment from where it lies)."""
+    try:
+        with open(os.path.join(configdir, 'settings.py'), encoding='utf-8', errors='replace') as handle:
+            text = handle.read()
+    except OSError:
+        return False
+    return 'BOTS_CONFIG_DIR' in text or 'BOTSENV_PATH' in text
+
+
+def settings_time_zone(configdir):
+    """Django's ``TIME_ZONE`` in ``<configdir>/settings.py`` (read, not imported), or ''."""
+    import re
+    try:
+        with open(os.path.join(configdir, 'settings.py'), encoding='utf-8', errors='replace') as handle:
+            match = re.search(r'^TIME_ZONE\s*=\s*[\'"]([^\'"]+)[\'"]', handle.read(), re.MULTILINE)
+    except OSError:
+        return ''
+    return match.group(1) if match else ''
+
+
+def apply_time_zone(name):
+    """Keep the clock of time zone ``name`` in this process, as Django does for Bots (POSIX: TZ);
+    returns the zone, or None when ``name`` is no zone.  Jobs inherit it, as Bots' engine would
+    take it from its settings anyway."""
+    import time
+    import zoneinfo
+    try:
+        zone = zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return None
+    if hasattr(time, 'tzset'):
+        os.environ['TZ'] = name
+        time.tzset()
+    return zone
+
+
+def bots_package_of(python):
+    """The Bots package directory in the environment of the Python ``python``, or None."""
+    import glob
+    prefix = os.path.dirname(os.path.dirname(os.path.abspath(python)))
+    for pattern in ('lib/python*/site-packages/bots', 'Lib/site-packages/bots', 'lib/site-packages/bots'):
+        for found in glob.glob(os.path.join(prefix, pattern)):
+            if os.path.isfile(os.path.join(found, 'botsinit.py')):
+                return found
+    return None
+
+
+def script_python(path):
+    """The interpreter a console script starts (its ``#!`` line), or None."""
+    try:
+        with open(path, 'rb') as handle:
+            first = handle.readline(1000)
+    except OSError:
+        return None
+    if first.startswith(b'#!'):
+        words = first[2:].decode('utf-8', 'replace').split()
+        return words[0] if words and os.path.isabs(words[0]) else None
+    return None
+
+
+def bots4_beside(ini):
+    """Beside Bots 4: the Bots package of the configured ``python_executable_path``, else of the
+    ``bots-engine`` on the PATH; None when neither leads to one."""
+    import shutil
+    configured = ini.get('settings', 'python_executable_path', '')
+    if configured:
+        return bots_package_of(configured)
+    engine = shutil.which('bots-engine')
+    if engine:
+        python = script_python(engine) or os.path.join(os.path.dirname(engine), 'python')
+        return bots_package_of(python)
+    return None
+
+
 def bots_version(directory):
     """The version of the Bots in ``directory`` (``__about__.py`` of bots-ediint, or Bots 3's
     ``botsglobal.py``), read without importing Bots; '' when it cannot be told."""
     import re
+    import glob
+    for info in sorted(glob.glob(os.path.join(os.path.dirname(directory), 'bots_ediint-*.dist-info'))):
+        return os.path.basename(info)[len('bots_ediint-'):-len('.dist-info')]    # as pip installed it
     for filename, pattern in (('__about__.py', r'__version_info__\s*=\s*\(([\d,\s]+)\)'),
                               ('botsglobal.py', r'^version\s*=\s*[\'"]([^\'"]+)')):
         try:
@@ -185,16 +297,27 @@ def bots_scripts_dir(package_dir):
 class Environment:
     """One Bots environment: its configuration directory, bots.ini and botssys."""
 
-    def __init__(self, configdir, ini, botssys, bots_dir=None, inside_bots=False):
+    def __init__(self, configdir, ini, botssys, bots_dir=None, inside_bots=False, bots4=False, rule='',
+                 time_zone=None):
         self.configdir = configdir
         self.ini = ini
         self.botssys = botssys
         self.bots_dir = bots_dir            # package directory of the Bots this configuration is of
         self.inside_bots = inside_bots      # installed into that Bots' own Python
+        self.bots4 = bots4                  # a configuration of Bots 4: its log places and format
+        self.rule = rule                    # which rule chose the configuration directory, for the log
+        self.time_zone = time_zone          # settings.py's TIME_ZONE (a ZoneInfo), or None
 
     @property
     def logdir(self):
         return os.path.join(self.botssys, 'logging')
+
+    def logfile(self, program):
+        """Where ``program`` (jobqueue, dirmonitor) logs: ``botssys/logging/<program>.log``, or for
+        Bots 4 in the folder of its own that Bots 4's monitor lists."""
+        if self.bots4:
+            return os.path.join(self.logdir, program, program + '.log')
+        return os.path.join(self.logdir, program + '.log')
 
     def require_jobqueue_enabled(self):
         if not self.ini.getboolean('jobqueue', 'enabled', False):
@@ -278,11 +401,21 @@ def find_configdir(name, inside_bots=None):
     raise ConfigError('Error: configuration directory "%s" does not exist' % name)
 
 
-def load(configdir_name='config'):
+def load(configdir_name=None):
     """Read ``<configdir>/bots.ini`` of an environment whose job queue is enabled; raise
-    ConfigError with a one-line text on any problem."""
+    ConfigError with a one-line text on any problem.  ``configdir_name``: the ``-c`` directory,
+    None when none was given."""
     inside_bots = bots_dir()
-    configdir = find_configdir(configdir_name, inside_bots)
+    inside_bots4 = bool(inside_bots) and bots_generation(inside_bots) == 4
+    if configdir_name is None and inside_bots4:
+        configdir, rule = bots4_configdir()
+        if not os.path.isdir(configdir):
+            raise ConfigError('Error: configuration directory "%s" (chosen by %s, as Bots 4 does) does not exist; '
+                              'Bots 4 makes it at the first run of one of its programs (bots-webserver, say)'
+                              % (configdir, rule))
+    else:
+        configdir = find_configdir(configdir_name or 'config', inside_bots)
+        rule = '-c' if configdir_name is not None else 'the default, config'
     inifile = os.path.join(configdir, 'bots.ini')
     if not os.path.isfile(inifile):
         raise ConfigError('Error: no bots.ini in configuration directory "%s"' % configdir)
@@ -293,10 +426,19 @@ def load(configdir_name='config'):
     except (configparser.Error, UnicodeDecodeError, OSError) as exc:
         raise ini_syntax_error(inifile, exc)
     ini = BotsIni(parser, inifile)
-    served = served_bots(configdir, inside_bots)
+    bots4 = inside_bots4 or is_bots4_config(configdir)
     botssys = ini.get('directories', 'botssys', 'botssys') or 'botssys'
-    botssys = os.path.join(served, botssys) if served else os.path.abspath(botssys)
-    environment = Environment(configdir, ini, os.path.normpath(botssys), served, bool(inside_bots))
+    if bots4:
+        served = inside_bots or bots4_beside(ini)
+        # As Bots 4: a relative botssys lies in the Bots environment, beside the configuration.
+        botssys = os.path.join(os.path.dirname(configdir), botssys)
+    else:
+        served = served_bots(configdir, inside_bots)
+        botssys = os.path.join(served, botssys) if served else os.path.abspath(botssys)
+    zone_name = settings_time_zone(configdir)
+    time_zone = apply_time_zone(zone_name) if zone_name else None
+    environment = Environment(configdir, ini, os.path.normpath(botssys), served, bool(inside_bots), bots4, rule,
+                              time_zone)
     environment.require_jobqueue_enabled()
     return environment
 
@@ -330,8 +472,9 @@ def print_usage(usage, name):
 
 
 def configdir_from_args(argv, name, usage):
-    """The ``-c`` directory of a program whose only option is ``-c``; usage and exit 0 on help."""
-    configdir = 'config'
+    """The ``-c`` directory of a program whose only option is ``-c`` (None when not given);
+    usage and exit 0 on help."""
+    configdir = None
     for arg in argv:
         if arg in HELP_OPTIONS:
             print_usage(usage, name)

@@ -127,7 +127,7 @@ COMMANDS = {'status': (0, 0, ''), 'history': (0, 1, '[N]'), 'show': (1, 1, 'N'),
 
 def parse_args(args, name):
     """``(configdir, as_json, show_all, command, numbers)``; help: usage and exit 0.  Raises ConfigError."""
-    configdir, as_json, show_all, words = 'config', False, False, []
+    configdir, as_json, show_all, words = None, False, False, []
     for arg in args:
         if arg in configuration.HELP_OPTIONS:
             configuration.print_usage(USAGE, name)      # and exit 0, as every program does

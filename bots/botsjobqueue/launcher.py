@@ -456,6 +456,7 @@ class RunningJob:
         self.timed_out = False
         self.stopped_by_shutdown = False
         self.timers = []
+        self.command = list(job.task)      # what was started for it (the configured paths)
         # Durations come from the monotonic clock: a wall clock stepped meanwhile changes none.
         self._since = time.monotonic() - max(0.0, time.time() - started)
 
@@ -485,6 +486,7 @@ class Ended:
         self.leaves_queue = False      # False: it was put back in the queue
         self.status = None
         self.logged = False
+        self.level = None              # of its 'Finished' line, when not the one of its exit code
 
     def as_dict(self):
         record = {'state': 'finished', 'jobnumber': self.job.jobnumber, 'priority': self.job.priority,
@@ -629,7 +631,9 @@ class Launcher:
                     self._between.pop(job.jobnumber, None)
                 self._log_ends(ended)
                 if started:
-                    self.logger.info('Starting job %s: %s', job.jobnumber, list(job.task))
+                    command = started[2].command
+                    self.logger.info('Starting job %s: %s%s', job.jobnumber, list(job.task),
+                                     '' if command[0] == job.task[0] else ' (runs %s)' % command[0])
                 self._collect_outputs(ended, wait=False)
                 if started:
                     end = self._wait(job, *started)
@@ -694,6 +698,7 @@ class Launcher:
                 if fd is not None:
                     os.close(fd)
         running = RunningJob(job, process.pid, started, output)
+        running.command = command
         with self._lock:
             self.running[job.jobnumber] = running
         try:
@@ -806,6 +811,7 @@ class Launcher:
             job.requeued += 1
             self.queue.wait_again(job)
         elif exitcode == ENGINE_DATABASE_LOCKED and self.authorizer.is_engine(job.task):
+            end.level = logging.WARNING        # not lost: it runs again
             self._log_ends([end])
             job.locked += 1
             self.logger.warning('Job %s: the engine database is locked by another run; queued again in %s seconds.',
@@ -841,7 +847,7 @@ class Launcher:
                                      'so its exit code cannot be known.',
                                      end.job.jobnumber, elapsed(end.ended - end.started))
                     continue
-                self.logger.log(logging_level(exitcode), 'Finished job %s, elapsed time %s, exit code %s',
+                self.logger.log(end.level or logging_level(exitcode), 'Finished job %s, elapsed time %s, exit code %s',
                                 end.job.jobnumber, elapsed(end.ended - end.started), exitcode)
 
     def _collect_outputs(self, ends, wait):
