@@ -45,33 +45,57 @@ UNREACHABLE = 1
 
 
 class Watch:
-    """One ``[dirmonitorN]`` section: what to watch, and which job its files ask for."""
+    """One watched directory - a ``[dirmonitorN]`` section, or a route of Bots' database - what
+    to watch, and which job its files ask for."""
 
-    def __init__(self, environment, section, general):
+    def __init__(self, environment, section, general, route_record=None):
         ini = environment.ini
         self.section = section
-        path = ini.get(section, 'path', '').strip()
-        if not path:
-            raise configuration.ConfigError('Error: [%s] has no path' % section)
-        self.path = os.path.abspath(path)
-        self.filemask = ini.get(section, 'filemask', '*').strip() or '*'
-        self.recursive = ini.getboolean(section, 'recursive', False)
-        self.route = ini.get(section, 'route', '').strip()
-        self.polling = ini.getboolean(section, 'polling', general.polling)
-        self.priority = ini.getint(section, 'priority', general.priority)
-        if not 1 <= self.priority <= 9:
-            raise configuration.ConfigError('Error: [%s] priority should be from 1 to 9' % section)
+        self.process_existing = True
+        if route_record is None:
+            path = ini.get(section, 'path', '').strip()
+            if not path:
+                raise configuration.ConfigError('Error: [%s] has no path' % section)
+            self.filemask = ini.get(section, 'filemask', '*').strip() or '*'
+            self.recursive = ini.getboolean(section, 'recursive', False)
+            self.route = ini.get(section, 'route', '').strip()
+            self.polling = ini.getboolean(section, 'polling', general.polling)
+            self.priority = ini.getint(section, 'priority', general.priority)
+            if not 1 <= self.priority <= 9:
+                raise configuration.ConfigError('Error: [%s] priority should be from 1 to 9' % section)
+        else:
+            # As Bots 4: the channel's path and mask; a '*' in the path watches what it matches.
+            path = route_record['path']
+            self.filemask = route_record['filemask']
+            self.recursive = '*' in path
+            self.route = route_record['idroute']
+            self.polling, self.priority = general.polling, general.priority
+            # A channel that leaves its files in place would queue a run at every start.
+            self.process_existing = route_record['remove']
+        path = os.path.abspath(path)
+        self.pattern = path if any(char in path for char in '*?[') else None
+        if self.pattern:
+            fixed = []
+            for part in path.split(os.sep):
+                if any(char in part for char in '*?['):
+                    break
+                fixed.append(part)
+            path, self.recursive = os.sep.join(fixed) or os.sep, True
+        self.path = path
         task = [environment.python_executable_path, environment.botsengine_path, '-c' + environment.configdir]
         self.task = task + [self.route] if self.route else task
 
     def identity(self):
-        return (self.path, self.filemask, self.recursive, self.route, self.polling, self.priority)
+        return (self.path, self.pattern, self.filemask, self.recursive, self.route, self.polling, self.priority)
 
     def matches(self, path):
-        """True for a file of this watch: right name, in the directory (or below, when recursive)."""
+        """True for a file of this watch: right name, in the directory (or below, when recursive;
+        in a directory that the path's pattern matches, when it has one)."""
         if not fnmatch.fnmatch(os.path.basename(path), self.filemask):
             return False
         parent = os.path.dirname(path)
+        if self.pattern:
+            return fnmatch.fnmatch(parent, self.pattern)
         if parent == self.path:
             return True
         return self.recursive and parent.startswith(self.path + os.sep)
@@ -79,7 +103,8 @@ class Watch:
     def existing_files(self):
         """True when the directory already holds a matching file."""
         for root, dirs, files in os.walk(self.path):
-            if any(fnmatch.fnmatch(name, self.filemask) for name in files):
+            if (not self.pattern or fnmatch.fnmatch(root, self.pattern)) and \
+                    any(fnmatch.fnmatch(name, self.filemask) for name in files):
                 return True
             if not self.recursive:
                 return False
@@ -104,6 +129,38 @@ class MonitorSettings:
         self.client_timeout = environment.client_timeout
         sections = [name for name in ini.sections() if name.startswith('dirmonitor') and name != 'dirmonitor']
         self.watches = [Watch(environment, name, self) for name in sections]
+        self.notes = []          # (level, line) for the log: what was read of Bots' database
+        if environment.bots4:
+            self._add_routes(environment)
+
+    def _add_routes(self, environment):
+        """The routes Bots 4 flags ``dirmonitor``, read through Bots' own code."""
+        from .botsjobqueue.botsroutes import RoutesUnreadable, read_routes
+        python = sys.executable if environment.inside_bots else environment.python_executable_path
+        try:
+            routes = read_routes(python, environment.configdir)
+        except RoutesUnreadable as exc:
+            self.notes.append((40, "Cannot read the routes of Bots' database (%s); the [dirmonitorN] sections "
+                                   "are watched." % exc))
+            return
+        if routes is None:
+            return
+        watched = {(watch.path, watch.pattern, watch.filemask): watch for watch in self.watches}
+        for record in routes:
+            watch = Watch(environment, 'route %s' % record['idroute'], self, record)
+            key = (watch.path, watch.pattern, watch.filemask)
+            if key in watched:
+                self.notes.append((30, 'Route "%s" (Bots\' database): %s (%s) is watched already by [%s]; one '
+                                       'watch, for route "%s".' % (record['idroute'], record['path'],
+                                                                   record['filemask'], watched[key].section,
+                                                                   watched[key].route)))
+                continue
+            watched[key] = watch
+            self.watches.append(watch)
+            self.notes.append((25, 'Route "%s" of Bots\' database is watched: %s (%s)%s.'
+                                   % (record['idroute'], record['path'], record['filemask'],
+                                      '' if record['remove'] else '; its channel keeps its files, so files '
+                                      'already there are not processed at start')))
 
 
 class Outbox:
@@ -240,8 +297,8 @@ class DirMonitor:
                 self.logger.error('[%s] cannot watch %s: %s', watch.section, watch.path, exc)
                 return
             self.logger.log(botslog.STARTINFO, '[%s] watching %s (%s%s) for route "%s".', watch.section,
-                            watch.path, watch.filemask, ', recursive' if watch.recursive else '', watch.route)
-            if process_existing and watch.existing_files():
+                            watch.pattern or watch.path, watch.filemask, ', recursive' if watch.recursive else '', watch.route)
+            if process_existing and watch.process_existing and watch.existing_files():
                 self.logger.info('[%s] files are waiting in %s.', watch.section, watch.path)
                 self._dirty(state)
             return
@@ -419,6 +476,11 @@ def warn_refused(environment, settings, logger):
                            watch.section, watch.task)
 
 
+def log_notes(settings, logger):
+    for level, line in settings.notes:
+        logger.log(level, '%s', line)
+
+
 def ask_reload(environment, settings):
     """``--reload``: write "reload" into the trigger file that the running monitor watches."""
     try:
@@ -514,9 +576,11 @@ def start():
     logger.log(botslog.STARTINFO, 'Bots dirmonitor configdir: "%s".', environment.configdir)
     botslog.log_installation(environment, logger, 'Bots dirmonitor')
     if not settings.watches:
-        logger.warning('No [dirmonitorN] sections in %s: nothing to watch.',
-                       os.path.join(environment.configdir, 'bots.ini'))
+        logger.warning('No [dirmonitorN] sections in %s%s: nothing to watch.',
+                       os.path.join(environment.configdir, 'bots.ini'),
+                       " and no route flagged dirmonitor in Bots' database" if environment.bots4 else '')
     warn_refused(environment, settings, logger)
+    log_notes(settings, logger)
     trigger = TriggerWatch(settings.trigger, commands, logger)
     trigger.start()
     outbox = Outbox(settings, logger)
@@ -534,6 +598,7 @@ def start():
             continue
         logger.log(botslog.STARTINFO, 'Bots dirmonitor reloads its configuration.')
         warn_refused(environment, new_settings, logger)
+        log_notes(new_settings, logger)
         known = {watch.identity() for watch in settings.watches}
         dirty = monitor.stop()
         outbox.settings = settings = new_settings

@@ -250,3 +250,56 @@ def test_beside_bots4_its_own_job2queue_and_run_menu_talk_to_our_server(beside_b
     assert finished_jobs(bots.log('jobqueue'))[-1] == (2, '0')
     assert '[bots.engine]' in wait_until(lambda: bots.proxy().showjob(2).get('output'), message='its output')
     stop(server)
+
+
+FLAG_ROUTE = '''\
+# A file channel and a route flagged dirmonitor, saved through Bots' own models (as its admin does).
+import sys
+from bots import botsinit
+botsinit.generalinit(None)
+from bots import models
+idroute, path, remove = sys.argv[1], sys.argv[2], sys.argv[3] == 'remove'
+channel = models.channel(idchannel=idroute + '_in', inorout='in', type='file', path=path, filename='*.edi',
+                         remove=remove)
+channel.save()
+models.routes(idroute=idroute, seq=1, active=True, fromchannel=channel, fromeditype='edifact',
+              frommessagetype='edifact', dirmonitor=True).save()
+'''
+
+
+def test_inside_bots4_routes_flagged_in_its_database_are_watched_and_reloaded(into_bots4, tmp_path):
+    """A route flagged dirmonitor in Bots' database is watched at its file channel; a file
+    dropped there runs the engine for that route.  A second route flagged through Bots' models
+    (which write the trigger file on save, as its admin does) is watched without a restart."""
+    bots = into_bots4
+    first, second = tmp_path / 'first-in', tmp_path / 'second-in'
+    first.mkdir()
+    second.mkdir()
+    (first / 'left-over.edi').write_text('UNA')          # its channel removes files: processed at start
+    made = run([bots.python, '-c', FLAG_ROUTE, 'dm_first', str(first), 'remove'], env=bots.env, cwd=bots.root)
+    assert made.returncode == 0, made.stdout + made.stderr
+    set_ini(bots.ini, 'dirmonitor', 'quiet_period', '0.5')
+    server = bots.start([os.path.join(bots.bin, 'bots-jobqueueserver')])
+    wait_until(lambda: answering(bots.port, server), timeout=60, message='the server to answer')
+    monitor = bots.start([os.path.join(bots.bin, 'bots-dirmonitor')])
+    wait_until(lambda: 'Route "dm_first" of Bots\' database is watched: %s (*.edi)' % first in bots.log('dirmonitor'),
+               timeout=60, message='the first route to be watched')
+
+    def runs_of(route):
+        return [line for line in bots.log('jobqueue').splitlines() if 'Starting job' in line and "'%s']" % route in line]
+
+    wait_until(lambda: runs_of('dm_first'), timeout=60, message='the route run for the file found at start')
+    count = len(runs_of('dm_first'))
+    (first / 'order.edi').write_text("UNA:+.? 'UNB+UNOA:1+SENDER+RECEIVER+260101:1200+1'")
+    wait_until(lambda: len(runs_of('dm_first')) > count, timeout=60, message='the route run for a dropped file')
+    assert '-c' + bots.configdir in runs_of('dm_first')[-1]
+    made = run([bots.python, '-c', FLAG_ROUTE, 'dm_second', str(second), 'keep'], env=bots.env, cwd=bots.root)
+    assert made.returncode == 0, made.stdout + made.stderr
+    wait_until(lambda: 'Route "dm_second" of Bots\' database is watched' in bots.log('dirmonitor'), timeout=60,
+               message='the reload after the route was saved')
+    assert 'files already there are not processed at start' in bots.log('dirmonitor')
+    (second / 'invoice.edi').write_text('UNA')
+    wait_until(lambda: runs_of('dm_second'), timeout=60, message='the second route run')
+    assert monitor.poll() is None
+    stop(monitor)
+    stop(server)
