@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import urllib.error
 import urllib.parse
 import urllib.request
 import xmlrpc.client
@@ -28,8 +29,11 @@ from conftest import free_port, script, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOTS_REQUIREMENTS = ['bots-ediint==3.3.1', 'Django<3']
-# What our package replaces in Bots, on purpose: its three job-queue programs.
+# What our package replaces in Bots, on purpose: its three job-queue programs - the modules by the
+# overlay (Bots' files stay as they are), the scripts by scripts of ours of the same names.
 REPLACED = {'bots/jobqueueserver.py', 'bots/job2queue.py', 'bots/dirmonitor.py'}
+WHICH_MODULES = ('import bots.jobqueueserver, bots.job2queue, bots.dirmonitor\n'
+                 'for module in (bots.jobqueueserver, bots.job2queue, bots.dirmonitor): print(module.__file__)')
 REPLACED_SCRIPTS = {'bots-jobqueueserver', 'bots-job2queue', 'bots-dirmonitor'}
 MARKER = '# edited by the operator: keep me'
 ORDINARY_PATH = os.pathsep.join(['/usr/local/bin', '/usr/bin', '/bin'])
@@ -128,6 +132,25 @@ class BotsInstallation:
         except FileNotFoundError:
             return ''
 
+    def monitor_page(self, path):
+        """Log in to Bots' webserver and get one of its pages; the HTTP status."""
+        opener = self._logged_in()
+        try:
+            return opener.open('http://127.0.0.1:%d%s' % (self.web_port, path), timeout=60).status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    def _logged_in(self):
+        base = 'http://127.0.0.1:%d' % self.web_port
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        page = opener.open(base + '/login/', timeout=30).read().decode()
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
+        form = urllib.parse.urlencode({'username': 'bots', 'password': 'botsbots', 'next': '/home/',
+                                       'csrfmiddlewaretoken': token}).encode()
+        opener.open(urllib.request.Request(base + '/login/', data=form, headers={'Referer': base + '/login/'}),
+                    timeout=30)
+        return opener
+
     def monitor_runs(self, parameter):
         """The monitor's Run menu: log in to Bots' webserver, ask for a run; the message it shows."""
         base = 'http://127.0.0.1:%d' % self.web_port
@@ -219,15 +242,18 @@ def test_installed_into_bots_only_the_three_programs_are_replaced(into_bots):
         if not os.path.exists(path) or sha256(path) != digest:
             changed.append(relative)
     scripts = {relative for relative in changed if relative.startswith('../')}
-    # Our scripts of the same names start the same modules: pip may write them byte for byte alike.
     assert {os.path.basename(relative) for relative in scripts} <= REPLACED_SCRIPTS
-    assert set(changed) - scripts == REPLACED
+    assert set(changed) - scripts == set()                # not one file of Bots' package is written
+    # The three module names Bots imports are ours (the overlay), in Bots' own Python.
+    modules = run([bots.python, '-c', WHICH_MODULES], cwd=bots.root, env=bots.env).stdout.split()
+    assert [os.path.relpath(path, bots.package) for path in modules] == [
+        os.path.join('botsjobqueue', name) for name in ('jobqueueserver.py', 'job2queue.py', 'dirmonitor.py')]
     # No module of ours has the name of a module or package of Bots', nor the reverse.
     ours = run([bots.python, '-m', 'pip', 'show', '-f', 'bots-jobqueue']).stdout
     our_files = {line.strip() for line in ours.splitlines() if line.startswith('  bots/')}
     bots_names = {relative.split('/')[1].split('.')[0] for relative in bots.record_before
                   if relative.startswith('bots/')}
-    for relative in our_files - REPLACED:
+    for relative in our_files:
         assert '__pycache__' in relative or relative.split('/')[1].split('.')[0] not in bots_names, relative
 
 
@@ -268,7 +294,10 @@ def test_bots_clients_run_the_real_engine_through_our_server_inside_bots(into_bo
     assert server.wait(90) == 0
 
 
-def test_uninstall_keeps_bots_configuration_and_bots_programs_come_back(tmp_path, wheel):
+def test_uninstall_leaves_bots_whole_and_its_monitor_serving(tmp_path, wheel):
+    """pip uninstall of our package alone: Bots' modules are its own again (they were never
+    written), its monitor serves its pages, its engine runs; the README's way back brings
+    Bots' three scripts back (pip took ours of the same names) with the operator's bots.ini."""
     bots = BotsInstallation(tmp_path)
     pip(bots.python, 'install', wheel)
     pip(bots.python, 'uninstall', '-y', 'bots-jobqueue')
@@ -276,7 +305,18 @@ def test_uninstall_keeps_bots_configuration_and_bots_programs_come_back(tmp_path
         assert MARKER in handle.read()
     assert os.path.isfile(os.path.join(bots.configdir, 'settings.py'))
     assert not os.path.exists(os.path.join(bots.package, 'botsjobqueue'))
-    # The way back that README.rst gives: keep the configuration aside, reinstall Bots, put it back.
+    record = bots.record()
+    for relative in REPLACED:
+        assert sha256(bots.file(relative)) == record[relative]
+    modules = run([bots.python, '-c', WHICH_MODULES], cwd=bots.root, env=bots.env).stdout.split()
+    assert [os.path.relpath(path, bots.package) for path in modules] == ['jobqueueserver.py', 'job2queue.py',
+                                                                          'dirmonitor.py']
+    web = bots.start([os.path.join(bots.bin, 'bots-webserver')])
+    wait_until(lambda: listening(bots.web_port, web), timeout=60, message='the webserver to listen')
+    for page in ('/home/', '/incoming/', '/outgoing/', '/reports/'):
+        assert bots.monitor_page(page) == 200, page
+    bots.stop_all()
+    # The way back, as README.rst gives it for 3.3.1: keep the configuration, reinstall Bots, put it back.
     keep = str(tmp_path / 'config-kept')
     shutil.copytree(bots.configdir, keep)
     pip(bots.python, 'install', '--force-reinstall', '--no-deps', BOTS_REQUIREMENTS[0])
@@ -284,9 +324,8 @@ def test_uninstall_keeps_bots_configuration_and_bots_programs_come_back(tmp_path
     shutil.copytree(keep, bots.configdir)
     with open(bots.ini) as handle:
         assert MARKER in handle.read()
-    record = bots.record()
-    for relative in REPLACED:
-        assert sha256(bots.file(relative)) == record[relative]
+    for name in REPLACED_SCRIPTS:
+        assert os.path.isfile(os.path.join(bots.bin, name)), name
     result = run([os.path.join(bots.bin, 'bots-engine'), '--new'], env=bots.env, cwd=bots.root)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -303,3 +303,26 @@ def test_inside_bots4_routes_flagged_in_its_database_are_watched_and_reloaded(in
     assert monitor.poll() is None
     stop(monitor)
     stop(server)
+
+
+def test_uninstall_leaves_bots4_whole_and_its_monitor_serving(tmp_path, wheel):
+    """Bots 4 with our package, then without: its modules are its own, its monitor serves its
+    pages, its configuration (outside its package) is untouched by the way back."""
+    bots = Bots4(tmp_path, wheel)
+    with open(bots.ini) as handle:
+        ini_before = handle.read()
+    pip(bots.python, 'uninstall', '-y', 'bots-jobqueue')
+    which = run([bots.python, '-c', 'import bots.job2queue, bots.jobqueueserver, bots.dirmonitor\n'
+                 'print(bots.job2queue.__file__, bots.jobqueueserver.__file__, bots.dirmonitor.__file__)'],
+                env=bots.env, cwd=bots.root)
+    assert which.returncode == 0 and 'botsjobqueue' not in which.stdout, which.stdout + which.stderr
+    web = bots.start([os.path.join(bots.bin, 'bots-webserver')])
+    wait_until(lambda: listening(bots.web_port, web), timeout=60, message='the webserver to listen')
+    text = bots.run_menu()                               # every page on the way, the Run menu too
+    assert 'Can not contact jobqueue-server' in text       # Bots' own client, no server: it says so
+    bots.stop_all()
+    pip(bots.python, 'install', '--force-reinstall', '--no-deps', BOTS4_SOURCE)    # README's way back
+    for name in ('bots-jobqueueserver', 'bots-job2queue', 'bots-dirmonitor'):
+        assert os.path.isfile(os.path.join(bots.bin, name)), name
+    with open(bots.ini) as handle:
+        assert handle.read() == ini_before

@@ -1,12 +1,16 @@
 """Job queue for the Bots EDI translator: one engine run at a time, none lost.
 
-The three programs are the modules Bots has under the same names, so that
-installed into Bots' own Python they replace exactly those:
-``bots.jobqueueserver`` (the server: wires the parts, signals, shutdown),
-``bots.job2queue`` (the client program and ``send_job_to_jobqueue()``) and
-``bots.dirmonitor`` (file events become engine jobs).  Everything else lives
-in this package, under names Bots does not use:
+The three programs are ``jobqueueserver`` (the server: wires the parts,
+signals, shutdown), ``job2queue`` (the client program and
+``send_job_to_jobqueue()``) and ``dirmonitor`` (file events become engine
+jobs).  The ``overlay`` makes them the modules Bots imports under the same
+names - ``bots.jobqueueserver``, ``bots.job2queue``, ``bots.dirmonitor`` -
+without writing Bots' files.  Everything else lives in this package, under
+names Bots does not use:
 
+- ``overlay``         Bots' three module names answered with this package's programs
+- ``botsroutes``      the routes of Bots' database that Bots 4 flags for the dirmonitor
+- ``instance``        only one server and one dirmonitor per botssys
 - ``jobqueue``        the queue of waiting jobs (priority heap + duplicate index)
 - ``store``           where waiting, running and finished jobs are kept (SQLite)
 - ``launcher``        runners that start jobs and watch them; lock files; the output keeper

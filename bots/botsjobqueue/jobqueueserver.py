@@ -11,17 +11,17 @@ import threading
 import time
 import types
 
-from .botsjobqueue import botslog, configuration, instance
-from .botsjobqueue.authorize import Authorizer
-from .botsjobqueue.jobqueue import Job, JobQueue, canonical_task
-from .botsjobqueue.launcher import Launcher, LaunchSettings
-from .botsjobqueue.report import Reporter, read_mail_settings
-from .botsjobqueue.rpc import JobQueueRPCServer, JobQueueService, RPCSettings, listen
-from .botsjobqueue.metrics import Metrics
-from .botsjobqueue.schedule import Scheduler, read_schedules
-from .botsjobqueue.statuspage import StatusPages
-from .botsjobqueue.signals import Signals
-from .botsjobqueue.store import DamagedStore, Store
+from . import botslog, configuration, instance
+from .authorize import Authorizer
+from .jobqueue import Job, JobQueue, canonical_task
+from .launcher import Launcher, LaunchSettings
+from .report import Reporter, read_mail_settings
+from .rpc import JobQueueRPCServer, JobQueueService, RPCSettings, listen
+from .metrics import Metrics
+from .schedule import Scheduler, read_schedules
+from .statuspage import StatusPages
+from .signals import Signals
+from .store import DamagedStore, Store
 
 # Bots 4's own bots-job2queue (beside this server it is Bots', inside Bots ours replaces it) reads
 # this name from the server's module: the engine's bare name and where the PATH has it.

@@ -50,7 +50,7 @@ def send_job_to_jobqueue(task_args, priority=5, port=None, timeout=DEFAULT_TIMEO
 
 def _send(task_args, priority, port, timeout, host):
     """``(code, reason)``: the server's answer, and why it is 1 (else '')."""
-    from .botsjobqueue import rpcclient
+    from . import rpcclient
     try:
         return rpcclient.addjob(port, task_args, priority, timeout=timeout, host=host), ''
     except Exception as exc:      # CallFailed, or a Fault (wrong types, a busy store): not added
@@ -71,7 +71,7 @@ def _configured_port():
 
 def parse_args(argv, name='bots-job2queue'):
     """``(configdir, priority, task)`` from the command line, Bots' rules; help: usage and exit 0."""
-    from .botsjobqueue.configuration import HELP_OPTIONS, print_usage, split_configdir_option, usage_error
+    from .configuration import HELP_OPTIONS, print_usage, split_configdir_option, usage_error
     configdir = None
     priority = 5
     task = []
@@ -105,7 +105,7 @@ def parse_args(argv, name='bots-job2queue'):
 def start():
     """Console script entry point."""
     import os
-    from .botsjobqueue import configuration
+    from . import configuration
     name = os.path.basename(sys.argv[0])
     try:
         configdir, priority, task = parse_args(sys.argv[1:], name)

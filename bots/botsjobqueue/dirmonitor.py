@@ -17,9 +17,9 @@ import sys
 import threading
 import time
 
-from .botsjobqueue import botslog, configuration, instance
-from .botsjobqueue.authorize import Authorizer
-from .botsjobqueue.signals import Signals
+from . import botslog, configuration, instance
+from .authorize import Authorizer
+from .signals import Signals
 from .job2queue import send_job_to_jobqueue
 
 USAGE = '''\
@@ -135,7 +135,7 @@ class MonitorSettings:
 
     def _add_routes(self, environment):
         """The routes Bots 4 flags ``dirmonitor``, read through Bots' own code."""
-        from .botsjobqueue.botsroutes import RoutesUnreadable, read_routes
+        from .botsroutes import RoutesUnreadable, read_routes
         python = sys.executable if environment.inside_bots else environment.python_executable_path
         try:
             routes = read_routes(python, environment.configdir)
