@@ -8,6 +8,7 @@ with our server unchanged, with an ordinary PATH.
 """
 import base64
 import csv
+import datetime
 import hashlib
 import http.cookiejar
 import os
@@ -22,6 +23,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import xmlrpc.client
+import zoneinfo
 
 import pytest
 
@@ -271,6 +273,10 @@ def test_bots_clients_run_the_real_engine_through_our_server_inside_bots(into_bo
     assert 'serves Bots 3.3.1 in "%s" (installed inside it)' % bots.package in log
     assert 'configdir: "%s"' % bots.configdir in log
     assert not os.path.exists(os.path.join(str(tmp_path), 'botssys'))
+    # Bots 3.3.1's settings.py says TIME_ZONE = 'Europe/Amsterdam': our log keeps that clock, as Bots' does.
+    assert 'keeps the time of Europe/Amsterdam' in log
+    amsterdam = datetime.datetime.now(zoneinfo.ZoneInfo('Europe/Amsterdam')).strftime('%Y%m%d %H')
+    assert log.splitlines()[0].startswith(amsterdam) or amsterdam in log
 
     # The monitor's client, as Bots' webserver calls it.
     call = run([bots.python, '-c', MONITOR_CALL, '--new'], env=bots.env, cwd=str(tmp_path))
@@ -285,6 +291,15 @@ def test_bots_clients_run_the_real_engine_through_our_server_inside_bots(into_bo
     assert bots.monitor_runs('--automaticretrycommunication') == ['OK, job is added to queue']
     wait_until(lambda: len(finished_jobs(bots.log('jobqueue'))) == 2, timeout=120, message='the second job')
     assert finished_jobs(bots.log('jobqueue'))[1] == (2, '0')
+
+    # bots-engine.py, as Bots' documentation writes it, where pip installed only bots-engine.
+    assert not os.path.exists(os.path.join(bots.bin, 'bots-engine.py'))
+    result = run([os.path.join(bots.bin, 'bots-job2queue.py'), 'bots-engine.py', '--new'], env=bots.env,
+                 cwd=str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_until(lambda: len(finished_jobs(bots.log('jobqueue'))) == 3, timeout=120, message='the third job')
+    assert finished_jobs(bots.log('jobqueue'))[2] == (3, '0')
+    assert "['bots-engine.py', '--new'] (runs %s)" % os.path.join(bots.bin, 'bots-engine') in bots.log('jobqueue')
 
     # Bots' own job2queue script name, as a scheduler's batch file calls it.
     result = run([os.path.join(bots.bin, 'bots-job2queue'), '-p3', 'bots-engine', '-cconfig', 'myroute'],
