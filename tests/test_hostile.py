@@ -32,6 +32,15 @@ def post(port, body, headers=b''):
     return raw_request(port, head, body)
 
 
+def in_threads(function, count):
+    """``function(n)`` for n in range(count), each in a thread of its own, all at once."""
+    threads = [threading.Thread(target=function, args=(number,)) for number in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+
 def still_serves(environment):
     assert environment.proxy().addjob(['isup'], 5) == 0
 
@@ -169,11 +178,7 @@ def test_many_concurrent_clients_lose_nothing_and_never_duplicate(server):
         except Exception as exc:          # collected and asserted below
             errors.append(exc)
 
-    threads = [threading.Thread(target=client, args=(number,)) for number in range(24)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    in_threads(client, 24)
     assert errors == []
     assert len(answers) == 24 * 40
     assert {code for _, code in answers} <= {0, 4}
@@ -360,11 +365,7 @@ def test_a_small_open_files_limit_still_serves_a_crowd(environment):
         with lock:
             results.append(answer)
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(400)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    in_threads(client, 400)
     failed = [result for result in results if result not in (0, 4)]
     print('\n400 clients with 64 open files: %d failed' % len(failed))
     assert len(results) == 400 and failed == []

@@ -70,7 +70,27 @@ def set_ini(path, section, key, value):
         handle.write('\n'.join(lines) + '\n')
 
 
-class BotsInstallation:
+class Started:
+    """The processes a test started in a Bots installation (``root``, ``env``), stopped at its end."""
+
+    def start(self, argv, cwd=None, env=None):
+        process = subprocess.Popen(argv, cwd=cwd or self.root, env=env or self.env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        self.processes.append(process)
+        return process
+
+    def stop_all(self):
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+class BotsInstallation(Started):
     """A Python environment with the released Bots, set up as an operator sets it up."""
 
     def __init__(self, root):
@@ -111,22 +131,6 @@ class BotsInstallation:
     def env(self):
         return {'PATH': ORDINARY_PATH, 'HOME': self.root, 'LANG': 'C.UTF-8'}
 
-    def start(self, argv, cwd=None, env=None):
-        process = subprocess.Popen(argv, cwd=cwd or self.root, env=env or self.env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
-        self.processes.append(process)
-        return process
-
-    def stop_all(self):
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-
     def log(self, name):
         try:
             with open(os.path.join(self.botssys, 'logging', name + '.log')) as handle:
@@ -156,14 +160,7 @@ class BotsInstallation:
     def monitor_runs(self, parameter):
         """The monitor's Run menu: log in to Bots' webserver, ask for a run; the message it shows."""
         base = 'http://127.0.0.1:%d' % self.web_port
-        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
-        page = opener.open(base + '/login/', timeout=30).read().decode()
-        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
-        form = urllib.parse.urlencode({'username': 'bots', 'password': 'botsbots', 'next': '/home/',
-                                       'csrfmiddlewaretoken': token}).encode()
-        opener.open(urllib.request.Request(base + '/login/', data=form, headers={'Referer': base + '/login/'}),
-                    timeout=30)
-        answer = opener.open(base + '/runengine/?' + urllib.parse.urlencode({'clparameter': parameter}), timeout=60)
+        answer = self._logged_in().open(base + '/runengine/?' + urllib.parse.urlencode({'clparameter': parameter}), timeout=60)
         assert answer.status == 200
         messages = re.findall(r'<li class="(?:info|error)">([^<]*)</li>', answer.read().decode())
         return messages

@@ -20,7 +20,7 @@ import zoneinfo
 import pytest
 
 from conftest import ROOT_DIR, free_port, script, wait_until
-from test_with_bots import ORDINARY_PATH, answering, finished_jobs, listening, pip, run, set_ini
+from test_with_bots import ORDINARY_PATH, Started, answering, finished_jobs, listening, pip, run, set_ini
 
 BOTS4_SOURCE = os.path.join(os.path.dirname(ROOT_DIR), 'shared', 'peers', 'bots-4.0.0')
 CHROMIUM = '/usr/bin/chromium'
@@ -39,7 +39,7 @@ print(code, job2queue.JOBQUEUEMESSAGE2TXT[code])
 '''
 
 
-class Bots4:
+class Bots4(Started):
     """A Python environment with Bots 4.0.0 and a Bots environment made by its first run."""
 
     def __init__(self, root, wheel=None):
@@ -76,22 +76,6 @@ class Bots4:
     @property
     def env(self):
         return {'PATH': ORDINARY_PATH, 'HOME': self.home, 'LANG': 'C.UTF-8'}
-
-    def start(self, argv, env=None):
-        process = subprocess.Popen(argv, cwd=self.root, env=env or self.env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
-        self.processes.append(process)
-        return process
-
-    def stop_all(self):
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(60)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
 
     def log(self, name):
         try:
