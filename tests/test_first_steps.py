@@ -19,16 +19,30 @@ def readme():
         return handle.read()
 
 
+COPY_STEP = '{ [ -d config ] || cp -r bots/botsjobqueue/config config; }'
+
+
+def test_the_opening_copy_is_safe_to_type_again(tmp_path):
+    """Typed a second time, the README's copy step neither nests config/config nor undoes an edit."""
+    os.symlink(os.path.join(os.path.dirname(TESTS), 'bots'), str(tmp_path / 'bots'))
+    for _ in range(2):
+        assert subprocess.run(['sh', '-c', COPY_STEP], cwd=str(tmp_path), timeout=30).returncode == 0
+        with open(str(tmp_path / 'config' / 'bots.ini'), 'a') as handle:
+            handle.write('# edited\n')
+    assert not (tmp_path / 'config' / 'config').exists()
+    assert (tmp_path / 'config' / 'bots.ini').read_text().count('# edited') == 2
+
+
 def test_the_readme_gives_these_steps():
     text = readme()
-    assert 'cp -r bots/botsjobqueue/config config' in text.split('The first five minutes')[0]
+    assert COPY_STEP in text.split('The first five minutes')[0]
     for command in ('. .venv/bin/activate', 'bots-job2queue.py bots-jobqueue-demo hello', 'bots-dirmonitor',
                     'echo test > botssys/infile/order.edi', 'bots-jobqueue history'):
         assert command in text, command
 
 
 def test_first_five_minutes(tmp_path):
-    # cp -r bots/botsjobqueue/config config (the installed copy is the same directory)
+    # the README's copy step (the installed copy is the same directory)
     shutil.copytree(configuration.BUNDLED_CONFIG, str(tmp_path / 'config'))
     inifile = tmp_path / 'config' / 'bots.ini'
     port = free_port()

@@ -102,6 +102,19 @@ def test_a_refused_second_server_leaves_nothing_behind(server, tmp_path):
     assert not (other / 'botssys').exists()
 
 
+@pytest.mark.parametrize('wrong', ['[jobqueue]\nkill_grace = soon', '[jobqueue]\nlog_file_level = LOUD',
+                                   '[settings]\nmaxruntime = long', '[jobqueue]\nshutdown_grace = x'])
+def test_a_wrong_value_is_said_before_the_port_is_tried(server, tmp_path, wrong):
+    """Another server holds the port and bots.ini has a wrong value: the value is what is said."""
+    other = tmp_path / 'other'
+    (other / 'config').mkdir(parents=True)
+    with open(os.path.join(server.configdir, 'bots.ini')) as handle:
+        ini = handle.read()
+    (other / 'config' / 'bots.ini').write_text(ini + '\n' + wrong + '\n')
+    key = wrong.split('\n')[1].split(' = ')[0]
+    one_error_line(run_in(other, 'bots-jobqueueserver'), key)
+
+
 def test_a_priority_change_is_logged_as_one(server):
     proxy = server.proxy()
     proxy.addjob(server.engine('blocker', '--sleep=5'), 1)

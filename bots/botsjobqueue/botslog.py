@@ -47,6 +47,14 @@ def _level(ini, section, option, default):
     return level
 
 
+def check(ini, process_name):
+    """Read the logging keys of section [process_name] as ``init`` will: ConfigError when wrong."""
+    _level(ini, process_name, 'log_file_level', 'INFO')
+    _level(ini, process_name, 'log_console_level', 'STARTINFO')
+    ini.getint(process_name, 'log_file_number', 30)
+    ini.getboolean(process_name, 'log_console', True)
+
+
 def init(environment, process_name):
     """Set up the logger ``bots.<process_name>`` as bots.ini's section [process_name] says."""
     ini = environment.ini

@@ -93,11 +93,9 @@ def reload(parts):
     logger, old = parts.logger, parts.environment
     try:
         new = configuration.load(old.configdir)
-        rpc_settings = RPCSettings(new)
-        launch_settings = LaunchSettings(new)
-        new.ini.getfloat('jobqueue', 'shutdown_grace', 60)
-        authorizer = Authorizer.for_environment(new)
-        schedules = read_schedules(new)
+        checked = read_configuration(new)
+        rpc_settings, launch_settings = checked.rpc, checked.launch
+        authorizer, schedules = checked.authorizer, checked.schedules
     except configuration.ConfigError as exc:
         logger.error('Reload refused; the configuration in use is kept. %s', exc)
         return
@@ -154,11 +152,25 @@ def shut_down(parts, signals):
     launcher.stop_running()
 
 
+def read_configuration(environment):
+    """Every value the server takes from bots.ini, read and checked at once: at start before the
+    port is taken (a wrong value is said first, whoever holds the port), and at a reload.
+    Raises ConfigError."""
+    ini = environment.ini
+    parts = types.SimpleNamespace(rpc=RPCSettings(environment), launch=LaunchSettings(environment),
+                                  schedules=read_schedules(environment),
+                                  authorizer=Authorizer.for_environment(environment),
+                                  shutdown_grace=ini.getfloat('jobqueue', 'shutdown_grace', 60),
+                                  history=ini.getint('jobqueue', 'history', 500),
+                                  sendreportiferror=ini.getboolean('settings', 'sendreportiferror', False))
+    botslog.check(ini, 'jobqueue')
+    return parts
+
+
 def serve(environment, signals):
     """Run the server until a signal asks it to stop.  Raises ConfigError when it cannot start."""
-    ini = environment.ini
-    rpc_settings = RPCSettings(environment)
-    schedules = read_schedules(environment)
+    checked = read_configuration(environment)
+    rpc_settings, schedules, authorizer = checked.rpc, checked.schedules, checked.authorizer
     try:
         # First of all: a second server refused here leaves nothing behind (no lock, no log).
         listener = listen(rpc_settings)
@@ -167,7 +179,7 @@ def serve(environment, signals):
                                  % (rpc_settings.host, rpc_settings.port, exc.strerror or exc))
     lock = instance.hold(os.path.join(environment.botssys, 'jobqueue'), 'bots-jobqueueserver', environment.botssys)
     logger = botslog.init(environment, 'jobqueue')
-    launch_settings = LaunchSettings(environment)
+    launch_settings = checked.launch
     server = JobQueueRPCServer(rpc_settings, logger, listener)
     logger.log(botslog.STARTINFO, 'Bots jobqueue started.')
     logger.log(botslog.STARTINFO, 'Bots jobqueue configdir: "%s".', environment.configdir)
@@ -177,15 +189,13 @@ def serve(environment, signals):
     if rpc_settings.host not in ('127.0.0.1', 'localhost', '::1'):
         logger.warning('Listening on %s, not only on this machine: other machines can queue jobs.',
                        rpc_settings.host)
-    authorizer = Authorizer.for_environment(environment)
     for problem in authorizer.problems:
         logger.warning(problem)
     if authorizer.allow_all:
         logger.warning('authorized_tasks = *: any local user can run any program through the job queue.')
-    reporter = Reporter(ini.getboolean('settings', 'sendreportiferror', False),
-                        read_mail_settings(environment.configdir), logger)
+    reporter = Reporter(checked.sendreportiferror, read_mail_settings(environment.configdir), logger)
     try:
-        store = Store(os.path.join(environment.botssys, 'jobqueue.db'), ini.getint('jobqueue', 'history', 500))
+        store = Store(os.path.join(environment.botssys, 'jobqueue.db'), checked.history)
     except DamagedStore as exc:
         logger.critical('%s', exc)
         raise configuration.ConfigError(str(exc))
