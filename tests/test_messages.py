@@ -86,6 +86,9 @@ def test_help_into_a_closed_pipe_ends_quietly(tmp_path, name):
 def test_help_lists_every_option_and_the_exit_codes(tmp_path, name):
     text = run_in(tmp_path, name, '--help').stdout
     assert '-c<directory>' in text and 'Exit codes' in text
+    # Our own version, and the Bots it is for (no Bots in this Python).
+    from bots.botsjobqueue import __version__
+    assert text.startswith('This is "%s" (bots-jobqueue %s, for Bots 3.3.1 and 4.0)' % (name, __version__)), text
     if name in ('bots-jobqueueserver', 'bots-dirmonitor'):
         for sig in ('SIGTERM', 'SIGINT', 'SIGHUP'):
             assert sig in text

@@ -25,4 +25,6 @@ names Bots does not use:
 - ``config/``         the bundled configuration (bots.ini, settings.py)
 """
 
-__version__ = '3.3.1'
+# This package's own version (MAJOR.MINOR.PATCH, see README "Versions"), not the Bots it serves.
+__version__ = '1.0.0'
+BOTS_VERSIONS = '3.3.1 and 4.0'      # the Bots releases it is tested with

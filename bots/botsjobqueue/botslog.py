@@ -98,6 +98,8 @@ def log_installation(environment, logger, program):
     if environment.time_zone is not None:
         logger.log(STARTINFO, '%s keeps the time of %s (TIME_ZONE of %s).', program, environment.time_zone,
                    os.path.join(environment.configdir, 'settings.py'))
+    from . import __version__
+    program = '%s (bots-jobqueue %s)' % (program, __version__)
     if environment.bots_dir:
         logger.log(STARTINFO, '%s serves Bots %s in "%s" (%s); botssys: "%s".', program,
                    bots_version(environment.bots_dir) or '(version unknown)', environment.bots_dir,

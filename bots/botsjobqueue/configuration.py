@@ -36,7 +36,7 @@ import functools
 import os
 import sys
 
-from . import __version__
+from . import BOTS_VERSIONS, __version__
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 BUNDLED_CONFIG = os.path.join(PACKAGE_DIR, 'config')
@@ -464,7 +464,10 @@ def stdout_gone():
 def print_usage(usage, name):
     """Print the usage text and exit 0."""
     try:
-        print(usage % {'name': name, 'version': __version__}, end='')
+        inside = bots_dir()
+        served = 'installed in Bots %s here' % (bots_version(inside) or '(version unknown)') if inside else \
+            'for Bots %s' % BOTS_VERSIONS
+        print(usage % {'name': name, 'version': 'bots-jobqueue %s, %s' % (__version__, served)}, end='')
         sys.stdout.flush()
     except BrokenPipeError:
         stdout_gone()

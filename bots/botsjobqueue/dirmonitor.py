@@ -23,7 +23,7 @@ from .signals import Signals
 from .job2queue import send_job_to_jobqueue
 
 USAGE = '''\
-This is "%(name)s" version %(version)s, the directory monitor of the Bots job queue.
+This is "%(name)s" (%(version)s), the directory monitor of the Bots job queue.
 Watches the directories of the [dirmonitorN] sections of bots.ini and queues
 bots-engine for the route of a directory when files have arrived in it.
 Usage:

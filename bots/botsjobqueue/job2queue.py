@@ -14,7 +14,7 @@ JOBQUEUEMESSAGE2TXT = {
 DEFAULT_TIMEOUT = 10      # seconds; a server that does not answer in time counts as unreachable
 
 USAGE = '''\
-This is "%(name)s" version %(version)s, part of the Bots job queue.
+This is "%(name)s" (%(version)s), part of the Bots job queue.
 Places a job on the Bots job queue; the job queue server runs the jobs one
 after the other, most urgent first.
 Usage:

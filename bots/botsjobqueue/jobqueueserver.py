@@ -30,7 +30,7 @@ AUTHORIZED_TASKS = ['bots-engine'] + sorted({os.path.join(directory, 'bots-engin
                                              and os.path.isfile(os.path.join(directory, 'bots-engine'))})
 
 USAGE = '''\
-This is "%(name)s" version %(version)s, the job queue server of Bots.
+This is "%(name)s" (%(version)s), the job queue server of Bots.
 Runs the jobs put on the queue (by bots-job2queue, the monitor's Run menu or
 bots-dirmonitor) one after the other: only one bots-engine at a time, no job
 lost, the next started as soon as the previous one ends.  Enable it in

@@ -11,7 +11,7 @@ import xmlrpc.client
 from . import configuration, rpcclient
 
 USAGE = '''\
-This is "%(name)s" version %(version)s: look at and manage the Bots job queue.
+This is "%(name)s" (%(version)s): look at and manage the Bots job queue.
 Usage:
     %(name)s [-c<directory>] [--json] [--all] status  running jobs, the first 100 waiting (--all: every one)
     %(name)s [-c<directory>] [--json] history [N]   the last N finished jobs (default 20)

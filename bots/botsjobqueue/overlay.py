@@ -9,6 +9,10 @@ the Python it is installed in - that answers those three names with its own
 modules.  Bots' own files are never written: uninstalling this package takes
 the ``.pth`` file away, and Bots imports its own modules again, byte for byte
 as it installed them.
+
+Installed, this file is the top-level module ``_bots_jobqueue_overlay`` (see
+setup.py): it imports nothing of ``bots`` until one of the three names is
+asked for.
 """
 import importlib
 import sys
