@@ -259,3 +259,19 @@ def test_a_clock_stepped_back_and_forward_silences_and_repeats_nothing(environme
     assert fired('two') - forward[0] <= 4 and fired('three') - forward[1] <= 4
     assert fired('two') > forward[0] and fired('three') > forward[1]
     assert environment.stop_server() == 0
+
+
+def test_schedules_default_to_the_time_zone_of_settings_py(environment):
+    """A configuration whose settings.py names Django's TIME_ZONE: its schedules keep that zone,
+    as the log does, unless a section names its own."""
+    with open(os.path.join(environment.configdir, 'settings.py'), 'w') as handle:
+        handle.write("TIME_ZONE = 'Asia/Tokyo'\n")
+    schedule_ini(environment, '[schedule_tokyo]\nwhen = 0 9 * * *\ntask = %s morning\n'
+                              '[schedule_utc]\nwhen = 0 9 * * *\ntimezone = UTC\ntask = %s other\n'
+                 % (engine_task(), engine_task()))
+    environment.start_server()
+    listed = {entry['schedule']: entry for entry in environment.proxy().schedules()}
+    assert listed['schedule_tokyo']['timezone'] == 'Asia/Tokyo' and listed['schedule_utc']['timezone'] == 'UTC'
+    tokyo = datetime.datetime.fromtimestamp(listed['schedule_tokyo']['next_run'], zoneinfo.ZoneInfo('Asia/Tokyo'))
+    assert (tokyo.hour, tokyo.minute) == (9, 0)
+    assert 'keeps the time of Asia/Tokyo' in environment.log()
