@@ -14,9 +14,12 @@ Installed, this file is the top-level module ``_bots_jobqueue_overlay`` (see
 setup.py): it imports nothing of ``bots`` until one of the three names is
 asked for.
 """
-import importlib
 import sys
-from importlib.machinery import ModuleSpec
+
+try:                      # already loaded at every start: importing it costs nothing
+    from _frozen_importlib import ModuleSpec
+except ImportError:       # another Python
+    from importlib.machinery import ModuleSpec
 
 PROGRAMS = {'bots.jobqueueserver': 'bots.botsjobqueue.jobqueueserver',
             'bots.job2queue': 'bots.botsjobqueue.job2queue',
@@ -30,6 +33,7 @@ class _Ours:
         self.name = name
 
     def create_module(self, spec):
+        import importlib
         return importlib.import_module(self.name)
 
     def exec_module(self, module):
