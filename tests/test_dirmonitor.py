@@ -280,3 +280,11 @@ def test_one_dirmonitor_per_botssys_and_reload_says_when_none_runs(monitored):
     wait_until(lambda: monitored.runs(), message='the run')
     time.sleep(1.5)
     assert routes(monitored) == ['inbound']           # one monitor, one run
+
+
+def test_a_misspelt_key_of_a_watch_is_warned_about(monitored):
+    monitored.configure(extra='filemsk = *.xml')
+    monitored.start_server()
+    monitored.monitor.start()
+    wait_until(lambda: '[dirmonitor1] filemsk is not a key the job queue knows (did you mean filemask?)'
+               in monitored.log('dirmonitor'), message='the warning')

@@ -168,3 +168,15 @@ def test_a_second_stop_signal_stops_running_jobs_at_once(environment):
     assert 'Asked to stop again: stopping running job(s) 1 now.' in environment.log()
     environment.start_server()
     assert environment.proxy().showjob(1)['state'] in ('waiting', 'starting', 'running')
+
+
+def test_a_misspelt_key_is_warned_about_with_the_nearest_known_one(environment):
+    """nr_thread = 2 starts, with one warning that names nr_threads; keys Bots writes are known."""
+    environment.write_ini(jobqueue='nr_thread = 2\nlauchfrequency = 5\nlog_level = INFO',
+                          extra='[schedule1]\nwhen = @yearly\ntask = x\nprority = 3\n')
+    environment.start_server()
+    log = environment.log()
+    assert '[jobqueue] nr_thread is not a key the job queue knows (did you mean nr_threads?); it has no ' \
+           'effect (in %s).' % os.path.join(environment.configdir, 'bots.ini') in log
+    assert '[schedule1] prority is not a key the job queue knows (did you mean priority?)' in log
+    assert log.count('is not a key the job queue knows') == 2      # lauchfrequency and log_level are Bots'

@@ -270,6 +270,49 @@ class BotsIni:
     def sections(self):
         return self._parser.sections()
 
+    def options(self, section):
+        try:
+            return self._parser.options(section)
+        except configparser.NoSectionError:
+            return []
+
+
+LOG_KEYS = ('log_level', 'log_file_level', 'log_file_number', 'log_console', 'log_console_level')
+# The keys each section the job queue reads may hold: its own, and those Bots itself writes there.
+KNOWN_KEYS = {
+    'jobqueue': ('enabled', 'port', 'host', 'nr_threads', 'lauchfrequency', 'killjobsintimeout', 'authorized_tasks',
+                 'client_timeout', 'history', 'kill_grace', 'shutdown_grace', 'locked_retry_delay',
+                 'locked_report_after', 'output_limit', 'max_connections', 'request_timeout', 'max_request_size',
+                 'max_task_size', 'max_task_args', 'max_queue_bytes', 'status_page') + LOG_KEYS,
+    'dirmonitor': ('quiet_period', 'priority', 'process_existing', 'polling', 'polling_interval', 'retry_max',
+                   'write_pause_limit', 'trigger', 'lauchfrequency') + LOG_KEYS,
+    'dirmonitorN': ('path', 'filemask', 'recursive', 'route', 'priority', 'polling'),
+    'schedule': ('timezone', 'catchup'),
+    'scheduleN': ('when', 'task', 'arguments', 'priority', 'enabled', 'timezone', 'catchup'),
+}
+
+
+def unknown_keys(ini, families):
+    """One line for each key the job queue does not know in the sections of ``families``
+    ('jobqueue', 'dirmonitor', 'schedule': the section and its numbered kin), with the nearest
+    known key: a misspelt key would otherwise be silently without effect."""
+    import difflib
+    lines = []
+    for section in ini.sections():
+        for family in families:
+            if section == family:
+                known = KNOWN_KEYS[family]
+            elif section.startswith(family) and family + 'N' in KNOWN_KEYS:
+                known = KNOWN_KEYS[family + 'N']
+            else:
+                continue
+            for key in ini.options(section):
+                if key not in known:
+                    near = difflib.get_close_matches(key, known, 1, 0.6)
+                    lines.append('[%s] %s is not a key the job queue knows%s; it has no effect (in %s).'
+                                 % (section, key, ' (did you mean %s?)' % near[0] if near else '', ini.path))
+    return lines
+
 
 def served_bots(configdir, inside_bots):
     """The Bots installation whose configuration this is: the one we are installed in, or the one

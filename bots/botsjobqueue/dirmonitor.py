@@ -581,6 +581,8 @@ def start():
                        " and no route flagged dirmonitor in Bots' database" if environment.bots4 else '')
     warn_refused(environment, settings, logger)
     log_notes(settings, logger)
+    for line in configuration.unknown_keys(environment.ini, ('dirmonitor',)):
+        logger.warning(line)
     trigger = TriggerWatch(settings.trigger, commands, logger)
     trigger.start()
     outbox = Outbox(settings, logger)

@@ -189,7 +189,7 @@ def serve(environment, signals):
     if rpc_settings.host not in ('127.0.0.1', 'localhost', '::1'):
         logger.warning('Listening on %s, not only on this machine: other machines can queue jobs.',
                        rpc_settings.host)
-    for problem in authorizer.problems:
+    for problem in authorizer.problems + configuration.unknown_keys(environment.ini, ('jobqueue', 'schedule')):
         logger.warning(problem)
     if authorizer.allow_all:
         logger.warning('authorized_tasks = *: any local user can run any program through the job queue.')
