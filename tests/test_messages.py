@@ -180,3 +180,28 @@ def test_a_misspelt_key_is_warned_about_with_the_nearest_known_one(environment):
            'effect (in %s).' % os.path.join(environment.configdir, 'bots.ini') in log
     assert '[schedule1] prority is not a key the job queue knows (did you mean priority?)' in log
     assert log.count('is not a key the job queue knows') == 2      # lauchfrequency and log_level are Bots'
+
+
+@pytest.mark.parametrize('name', PROGRAMS)
+def test_a_space_after_c_gets_a_hint(tmp_path, name):
+    result = run_in(tmp_path, name, '-c', str(tmp_path))
+    one_error_line(result, 'no directory name', 'joined to -c, as -c/path/to/config, not -c /path/to/config')
+
+
+@pytest.mark.parametrize('name', ('bots-job2queue', 'bots-jobqueue'))
+def test_a_client_on_the_bundled_configuration_says_so(tmp_path, name):
+    """No config/ here: the client says which file and port it used, in one line on stderr."""
+    import re
+    result = run_in(tmp_path, name, *(['bots-jobqueue-demo'] if name == 'bots-job2queue' else ['status']))
+    found = re.match(r'%s: no config/ here; using the bundled configuration (.+) \(port 28082\)\.$' % name,
+                     result.stderr.splitlines()[0])
+    assert found, result.stderr
+    assert found.group(1).endswith(os.path.join('bots', 'botsjobqueue', 'config', 'bots.ini'))
+    assert os.path.isfile(found.group(1))        # the installed package's copy
+
+
+def test_the_help_of_bots_jobqueue_keeps_its_columns(tmp_path):
+    text = run_in(tmp_path, 'bots-jobqueue', '--help').stdout
+    lines = [line for line in text.splitlines() if line.startswith('    bots-jobqueue ')]
+    assert len(lines) == 8 and len({line.index('  ', line.index(']') + 2) for line in lines if '] ' in line}) >= 1
+    assert all(line.startswith('    ') for line in text.splitlines()[2:-1] if line.strip()), text

@@ -490,8 +490,17 @@ def split_configdir_option(arg):
     """The directory of a ``-c<directory>`` argument; ConfigError when it is empty."""
     directory = arg[2:]
     if not directory:
-        raise ConfigError('Error: configuration directory indicated, but no directory name.')
+        raise ConfigError('Error: configuration directory indicated, but no directory name; write it joined '
+                          'to -c, as -c/path/to/config, not -c /path/to/config')
     return directory
+
+
+def say_if_bundled(environment, name):
+    """A client that fell back to the bundled configuration (no config/ here) says so, in one
+    line on standard error: which file, which port."""
+    if os.path.normcase(environment.configdir) == os.path.normcase(BUNDLED_CONFIG):
+        print('%s: no config/ here; using the bundled configuration %s (port %s).'
+              % (name, os.path.join(environment.configdir, 'bots.ini'), environment.port), file=sys.stderr)
 
 
 HELP_OPTIONS = ('-h', '--help', '?', '/?')

@@ -111,6 +111,7 @@ def start():
         configdir, priority, task = parse_args(sys.argv[1:], name)
         environment = configuration.load(configdir)
         timeout, port = environment.client_timeout, environment.port
+        configuration.say_if_bundled(environment, name)
     except configuration.ConfigError as exc:
         print(exc, file=sys.stderr)
         sys.exit(1)

@@ -19,9 +19,8 @@ Usage:
     %(name)s [-c<directory>] [--json] schedules     the [scheduleN] sections: next and last run
     %(name)s [-c<directory>] remove N               remove waiting job N
     %(name)s [-c<directory>] clear                  remove all waiting jobs
-    %(name)s [-c<directory>] pause                  start no new job (running ones finish, jobs are
-                                                   still accepted); kept across a restart
-    %(name)s [-c<directory>] resume                 start jobs again
+    %(name)s [-c<directory>] pause                  start no new job; running ones finish, adds go on
+    %(name)s [-c<directory>] resume                 start jobs again (a pause is kept across restarts)
 Exit codes: 0 done; 1 cannot contact the server, or bad usage; 2 no such job.
 '''
 
@@ -165,6 +164,7 @@ def start():
     try:
         configdir, as_json, show_all, command, numbers = parse_args(sys.argv[1:], name)
         environment = configuration.load(configdir)
+        configuration.say_if_bundled(environment, name)
         timeout, port = environment.client_timeout, environment.port
     except configuration.ConfigError as exc:
         sys.exit(_fail(str(exc)))
