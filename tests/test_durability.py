@@ -1,5 +1,6 @@
 """No run lost: kill -9 and restart, SIGTERM, engine exit codes, the history."""
 import os
+import re
 import signal
 import time
 
@@ -109,6 +110,11 @@ def test_engine_exit_code_3_is_queued_again(environment, tmp_path):
     assert [attempt['exitcode'] for attempt in history[0]['attempts']] == [3]      # both runs are kept
     shown = environment.run('bots-jobqueue', '-c' + environment.configdir, 'history')
     assert 'ok (run 2)' in shown.stdout
+    # The output of the run that was queued again is kept like any run's, and logged as a warning.
+    attempt = wait_until(lambda: proxy.showjob(1)['attempts'][0].get('output'), message="the first run's output")
+    assert 'fake engine started: locked' in attempt
+    assert 'exit code 3' in environment.run('bots-jobqueue', '-c' + environment.configdir, 'show', '1').stdout
+    assert re.search(r'WARNING  : Finished job 1, elapsed time \S+, exit code 3', environment.log())
 
 
 def test_a_delayed_job_shows_when_it_is_retried(environment):

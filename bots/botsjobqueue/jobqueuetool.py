@@ -114,6 +114,8 @@ def print_job(job):
     for attempt in job.get('attempts', ()):
         print('%-10s %s, exit code %s (queued again)' % ('earlier:', when(attempt.get('started')),
                                                          attempt.get('exitcode', '-')))
+        if attempt.get('output'):
+            print('  ' + attempt['output'].rstrip('\n').replace('\n', '\n  '))
     if job.get('output'):
         print('output:')
         print(job['output'].rstrip('\n'))

@@ -487,6 +487,7 @@ class Ended:
         self.status = None
         self.logged = False
         self.level = None              # of its 'Finished' line, when not the one of its exit code
+        self.attempt = None            # its stored attempt, when it was queued again (exit code 3)
 
     def as_dict(self):
         record = {'state': 'finished', 'jobnumber': self.job.jobnumber, 'priority': self.job.priority,
@@ -817,7 +818,8 @@ class Launcher:
             self.logger.warning('Job %s: the engine database is locked by another run; queued again in %s seconds.',
                                 job.jobnumber, self.settings.locked_retry_delay)
             try:
-                patiently(self.store.add_attempt, job.jobnumber, end.started, end.ended, exitcode, patience=30)
+                end.attempt = patiently(self.store.add_attempt, job.jobnumber, end.started, end.ended, exitcode,
+                                        patience=30)
             except (sqlite3.Error, OSError, StoreBusy) as exc:      # a lost note of an attempt stops nothing
                 self.logger.error('The run of job %s could not be kept in the history: %s', job.jobnumber, exc)
             if job.locked == self.settings.locked_report_after:
@@ -901,6 +903,8 @@ class Launcher:
             prefix = '%s| ' % job.jobnumber
             self.logger.info('Output of job %s:\n%s%s', job.jobnumber, prefix,
                              output.rstrip('\n').replace('\n', '\n' + prefix))
+        if end.attempt is not None:           # a run queued again keeps its output like any run
+            patiently(self.store.set_attempt_output, end.attempt, output)
         if end.leaves_queue:
             patiently(self.store.set_output, job.jobnumber, output)     # its record was written at its end
             if self.metrics is not None:

@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS attempt (               -- earlier runs of a job that
     jobnumber   INTEGER NOT NULL,
     started     REAL,
     ended       REAL,
-    exitcode    INTEGER
+    exitcode    INTEGER,
+    output      TEXT                               -- its kept output, as a finished job's
 );
 CREATE INDEX IF NOT EXISTS attempt_jobnumber ON attempt (jobnumber);
 CREATE TABLE IF NOT EXISTS schedule (              -- when each [scheduleN] last fired
@@ -156,6 +157,8 @@ class Store:
             for column, kind in (('runner', 'INTEGER'), ('added', 'REAL')):       # a store of an older version
                 if column not in columns:
                     self._db.execute('ALTER TABLE job ADD COLUMN %s %s' % (column, kind))
+            if 'output' not in [row[1] for row in self._db.execute('PRAGMA table_info(attempt)')]:
+                self._db.execute('ALTER TABLE attempt ADD COLUMN output TEXT')
             self._db.execute('PRAGMA busy_timeout = %d' % (BUSY_WAIT * 1000))
         except sqlite3.DatabaseError as exc:
             if _busy(exc):
@@ -235,8 +238,13 @@ class Store:
                   (state, not_before, requeued, locked, jobnumber))
 
     def add_attempt(self, jobnumber, started, ended, exitcode):
-        """Keep a run of a job that goes back to the queue (the engine found its database locked)."""
-        self._run('INSERT INTO attempt VALUES (?, ?, ?, ?)', (jobnumber, started, ended, exitcode))
+        """Keep a run of a job that goes back to the queue (the engine found its database locked);
+        returns its id, for ``set_attempt_output``."""
+        return self._run('INSERT INTO attempt (jobnumber, started, ended, exitcode) VALUES (?, ?, ?, ?)',
+                         (jobnumber, started, ended, exitcode)).lastrowid
+
+    def set_attempt_output(self, attempt, output):
+        self._run('UPDATE attempt SET output = ? WHERE rowid = ?', (output, attempt))
 
     # ---- the queue's own state
     def setting(self, name, default=None):
@@ -331,10 +339,11 @@ class Store:
             for number, name in self._db.execute('SELECT jobnumber, schedule FROM scheduled WHERE jobnumber '
                                                  'BETWEEN ? AND ?', (min(jobnumbers), max(jobnumbers))):
                 found[('schedule', number)] = name
-            for number, started, ended, exitcode in self._db.execute(
-                    'SELECT jobnumber, started, ended, exitcode FROM attempt WHERE jobnumber BETWEEN ? AND ? '
+            for number, started, ended, exitcode, output in self._db.execute(
+                    'SELECT jobnumber, started, ended, exitcode, output FROM attempt WHERE jobnumber BETWEEN ? AND ? '
                     'ORDER BY rowid', (min(jobnumbers), max(jobnumbers))):
-                found[number].append({'started': started, 'ended': ended, 'exitcode': exitcode})
+                found[number].append({'started': started, 'ended': ended, 'exitcode': exitcode,
+                                      'output': printable(output or '')})
         return found
 
     def finished(self, jobnumber):
