@@ -2,6 +2,7 @@
 ``Error:`` and exits as documented; signals mean the same to both daemons; shutdown says what
 it waits for."""
 import os
+import re
 import signal
 import subprocess
 import time
@@ -161,11 +162,22 @@ def test_a_second_stop_signal_stops_running_jobs_at_once(environment):
     environment.server.send_signal(signal.SIGINT)
     wait_until(lambda: 'Waiting up to 120 seconds for running job(s) 1 to finish; stop again (Ctrl-C, SIGTERM) '
                'to stop them now' in environment.log(), message='the waiting line')
+    # Meanwhile the operator's tools get answers: the status says why, an add is refused with why.
+    status = environment.run('bots-jobqueue', '-c' + environment.configdir, 'status')
+    assert status.returncode == 0, status.stderr
+    assert re.search(r'The server is stopping, waits for job 1 for up to 1[01]\d s; new jobs are refused',
+                     status.stdout), status.stdout
+    added = environment.job2queue(*environment.engine('too-late'))
+    assert added.returncode == 1 and 'the server is stopping, waits for job 1' in added.stderr, added.stderr
     started = time.monotonic()
     environment.server.send_signal(signal.SIGINT)
     assert environment.server.wait(30) == 0
     assert time.monotonic() - started < 15
-    assert 'Asked to stop again: stopping running job(s) 1 now.' in environment.log()
+    log = environment.log()
+    assert 'Asked to stop again: stopping running job(s) 1 now.' in log
+    assert re.search(r'WARNING  : Stopped job 1 at the shutdown after \S+ \(exit code -\d+\); it is kept and '
+                     r'runs again at the next start\.', log), log
+    assert 'ERROR' not in log
     environment.start_server()
     assert environment.proxy().showjob(1)['state'] in ('waiting', 'starting', 'running')
 

@@ -124,18 +124,18 @@ def next_schedule_text(scheduler):
 
 
 def shut_down(parts, signals):
-    """Accept nothing more; give running jobs shutdown_grace seconds (a second stop signal cuts it
-    short); stop what still runs and keep it for the next start."""
+    """Accept no more jobs; give running jobs shutdown_grace seconds (a second stop signal cuts it
+    short); stop what still runs and keep it for the next start.  Until then the port stays open:
+    reads are answered (``status`` says the server is stopping) and adds are refused with why."""
     logger, launcher = parts.logger, parts.launcher
     logger.log(botslog.STARTINFO, 'Bots jobqueue stops: no new jobs are accepted.')
     parts.scheduler.stop()
-    parts.server.shutdown()
-    parts.server.server_close()
-    launcher.close()
     grace = parts.environment.ini.getfloat('jobqueue', 'shutdown_grace', 60)
     deadline = time.monotonic() + grace
-    launcher.on_idle = lambda: signals.put('idle')
     running = launcher.running_numbers()
+    parts.service.stopping = (deadline, running)
+    launcher.close()
+    launcher.on_idle = lambda: signals.put('idle')
     if running:
         logger.log(botslog.STARTINFO, 'Waiting up to %s seconds for running job(s) %s to finish; stop again '
                    '(Ctrl-C, SIGTERM) to stop them now - stopped jobs run again at the next start.',
@@ -143,13 +143,17 @@ def shut_down(parts, signals):
     while running and time.monotonic() < deadline:
         action = signals.next(timeout=min(10.0, deadline - time.monotonic()))
         running = launcher.running_numbers()
+        parts.service.stopping = (deadline, running)
         if action == 'stop' and running:
             logger.warning('Asked to stop again: stopping running job(s) %s now.', ', '.join(map(str, running)))
+            parts.service.stopping = (time.monotonic() + launcher.settings.kill_grace, running)
             break
         if action is None and running and time.monotonic() < deadline:
             logger.log(botslog.STARTINFO, 'Still waiting for running job(s) %s; %d seconds left.',
                        ', '.join(map(str, running)), deadline - time.monotonic())
     launcher.stop_running()
+    parts.server.shutdown()
+    parts.server.server_close()
 
 
 def read_configuration(environment):

@@ -50,6 +50,8 @@ def task_text(task):
 
 def print_status(answer):
     running, waiting = answer['running'], answer['waiting']
+    if answer.get('stopping'):
+        print('The server is %s; new jobs are refused until it runs again.' % answer['stopping'])
     if answer.get('paused'):
         print('PAUSED: no new job starts until "bots-jobqueue resume".')
     more = answer['waiting_count'] - len(waiting)

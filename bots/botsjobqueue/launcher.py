@@ -488,6 +488,7 @@ class Ended:
         self.logged = False
         self.level = None              # of its 'Finished' line, when not the one of its exit code
         self.attempt = None            # its stored attempt, when it was queued again (exit code 3)
+        self.stopped = False           # stopped by the shutdown: kept for the next start
 
     def as_dict(self):
         record = {'state': 'finished', 'jobnumber': self.job.jobnumber, 'priority': self.job.priority,
@@ -808,6 +809,7 @@ class Launcher:
         """
         end = Ended(job, started, ended, exitcode, running.output, relay)
         if running.stopped_by_shutdown or (self._stopping and exitcode in SHUTDOWN_EXITCODES):
+            end.stopped = True
             self._log_ends([end])
             job.requeued += 1
             self.queue.wait_again(job)
@@ -843,6 +845,11 @@ class Launcher:
             if not end.logged:
                 end.logged = True
                 exitcode = end.exitcode
+                if end.stopped:
+                    self.logger.warning('Stopped job %s at the shutdown after %s (exit code %s); it is kept and '
+                                        'runs again at the next start.', end.job.jobnumber,
+                                        elapsed(end.ended - end.started), exitcode)
+                    continue
                 if exitcode is None:
                     # A job adopted after a restart: not our child, so its exit code is not ours to know.
                     self.logger.info('Finished job %s, elapsed time %s; it ran on from before the restart, '

@@ -110,6 +110,7 @@ class JobQueueService:
         self._logger = logger
         self.refusals = RateLimited(logger)
         self._full = False               # the queue was full at the last add (said once)
+        self.stopping = None             # while the server stops: (deadline on the monotonic clock, its jobs)
 
     def reconfigure(self, settings, authorizer):
         """A reload: new limits and authorized tasks.  (Only ``METHODS`` are served.)"""
@@ -124,7 +125,18 @@ class JobQueueService:
         check_priority(priority)
         if task == ISUP_TASK:
             return 0
+        if self.stopping is not None:
+            raise xmlrpc.client.Fault(1, 'the server is %s: the job is not added; send it again when a server '
+                                         'runs' % self.stopping_text())
         return self.add(task, priority)[0]
+
+    def stopping_text(self):
+        """'stopping, waits for job 3 for up to 42 s' (or '... no job runs'), while the server stops."""
+        deadline, jobs = self.stopping
+        if not jobs:
+            return 'stopping, no job runs'
+        return 'stopping, waits for job%s %s for up to %d s' % ('s' if len(jobs) > 1 else '', ', '.join(map(str, jobs)),
+                                                              max(0, deadline - time.monotonic()))
 
     def add(self, task, priority, schedule=None):
         """Queue a checked task; ``(code, jobnumber)`` (jobnumber None when nothing was queued).
@@ -194,7 +206,7 @@ class JobQueueService:
         """The state ``/health`` and ``/metrics`` tell (not an XML-RPC method)."""
         oldest = self._store.oldest_waiting()
         last = self._store.history(1, with_output=False)
-        state = {'accepting': True, 'paused': self._queue.paused, 'running': len(self._launcher.status()),
+        state = {'accepting': self.stopping is None, 'paused': self._queue.paused, 'running': len(self._launcher.status()),
                  'waiting': len(self._queue), 'runners_alive': self._launcher.runners_alive(),
                  'oldest_waiting_age': max(0.0, time.time() - oldest) if oldest and len(self._queue) else None,
                  'last_finished': None}
@@ -233,8 +245,10 @@ class JobQueueService:
                                                                lambda job: task_size(job.task), budget)],
                   'retry_at': {str(number): when for number, when in self._queue.retry_times().items()}}
         upcoming = self.scheduler.first() if self.scheduler is not None else None
-        if upcoming:
+        if upcoming and self.stopping is None:
             answer['next_schedule'] = {'schedule': upcoming[1], 'at': upcoming[0]}
+        if self.stopping is not None:
+            answer['stopping'] = self.stopping_text()
         return answer
 
     def schedules(self):
