@@ -100,15 +100,27 @@ class Watch:
             return True
         return self.recursive and parent.startswith(self.path + os.sep)
 
-    def existing_files(self):
-        """True when the directory already holds a matching file."""
+    def existing_files(self, since=None):
+        """True when the directory already holds a matching file (written since ``since``, a
+        timestamp, when given)."""
         for root, dirs, files in os.walk(self.path):
-            if (not self.pattern or fnmatch.fnmatch(root, self.pattern)) and \
-                    any(fnmatch.fnmatch(name, self.filemask) for name in files):
-                return True
+            if not self.pattern or fnmatch.fnmatch(root, self.pattern):
+                for name in files:
+                    if fnmatch.fnmatch(name, self.filemask) and (since is None or _mtime(root, name) >= since):
+                        return True
             if not self.recursive:
                 return False
         return False
+
+    def files_changed_since(self, moment):
+        return self.existing_files(since=moment)
+
+
+def _mtime(directory, name):
+    try:
+        return os.stat(os.path.join(directory, name)).st_mtime
+    except OSError:
+        return 0.0
 
 
 class MonitorSettings:
@@ -396,6 +408,14 @@ class DirMonitor:
         self.stop_watching()
         return dirty
 
+    def mark_changed_since(self, moment):
+        """Watches with a matching file written since ``moment`` (a timestamp)."""
+        for state in list(self._states.values()):
+            if state.watch.files_changed_since(moment):
+                self.logger.info('[%s] files arrived during the reload; queueing route "%s".',
+                                 state.watch.section, state.watch.route)
+                self._dirty(state)
+
     def mark_dirty(self, identities):
         """Watches (by identity) that had files waiting to settle before a reload."""
         for state in self._states.values():
@@ -602,11 +622,14 @@ def start():
         warn_refused(environment, new_settings, logger)
         log_notes(new_settings, logger)
         known = {watch.identity() for watch in settings.watches}
+        stopped_at = time.time()
         dirty = monitor.stop()
         outbox.settings = settings = new_settings
         monitor = run_monitor(settings, logger, outbox, False,
                               [w for w in settings.watches if w.identity() not in known])
         monitor.mark_dirty(dirty)
+        # A file that arrived while the watches were set up again has no event: look for it.
+        monitor.mark_changed_since(stopped_at - 1.0)
     logger.log(botslog.STARTINFO, 'Bots dirmonitor stops.')
     trigger.stop()
     monitor.stop()
