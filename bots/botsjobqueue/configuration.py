@@ -444,10 +444,11 @@ def find_configdir(name, inside_bots=None):
     raise ConfigError('Error: configuration directory "%s" does not exist' % name)
 
 
-def load(configdir_name=None):
+def load(configdir_name=None, clock=True):
     """Read ``<configdir>/bots.ini`` of an environment whose job queue is enabled; raise
     ConfigError with a one-line text on any problem.  ``configdir_name``: the ``-c`` directory,
-    None when none was given."""
+    None when none was given.  ``clock``: take the time zone of settings.py (a client that only
+    queues a job shows no time, and starts faster without it)."""
     inside_bots = bots_dir()
     inside_bots4 = bool(inside_bots) and bots_generation(inside_bots) == 4
     if configdir_name is None and inside_bots4:
@@ -478,7 +479,7 @@ def load(configdir_name=None):
     else:
         served = served_bots(configdir, inside_bots)
         botssys = os.path.join(served, botssys) if served else os.path.abspath(botssys)
-    zone_name = settings_time_zone(configdir)
+    zone_name = settings_time_zone(configdir) if clock else ''
     time_zone = apply_time_zone(zone_name) if zone_name else None
     environment = Environment(configdir, ini, os.path.normpath(botssys), served, bool(inside_bots), bots4, rule,
                               time_zone)

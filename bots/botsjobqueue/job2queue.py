@@ -109,7 +109,7 @@ def start():
     name = os.path.basename(sys.argv[0])
     try:
         configdir, priority, task = parse_args(sys.argv[1:], name)
-        environment = configuration.load(configdir)
+        environment = configuration.load(configdir, clock=False)
         timeout, port = environment.client_timeout, environment.port
         configuration.say_if_bundled(environment, name)
     except configuration.ConfigError as exc:

@@ -46,7 +46,9 @@ def _escape(text):
 def post(host, port, body, timeout):
     """POST ``body`` to the server (HTTP/1.0, so the server closes when done); the answer's body."""
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
+        # An address as bytes: a str is encoded with the idna codec first, a cost on every call.
+        with socket.create_connection((host.encode('ascii', 'replace') if host.replace('.', '').isdigit() else host,
+                                       port), timeout=timeout) as sock:
             sock.sendall(b'POST /RPC2 HTTP/1.0\r\nHost: %s:%d\r\nContent-Type: text/xml\r\n'
                          b'Content-Length: %d\r\n\r\n' % (host.encode('ascii'), port, len(body)) + body)
             chunks = []
