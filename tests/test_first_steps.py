@@ -36,7 +36,8 @@ def test_the_opening_copy_is_safe_to_type_again(tmp_path):
 def test_the_readme_gives_these_steps():
     text = readme()
     assert COPY_STEP in text.split('The first five minutes')[0]
-    for command in ('. .venv/bin/activate', 'bots-job2queue.py bots-jobqueue-demo hello', 'bots-dirmonitor',
+    for command in ('. .venv/bin/activate', 'bots-job2queue.py bots-jobqueue-demo hello',
+                    'bots-job2queue.py bots-jobqueue-demo --sleep=10 slow', 'bots-dirmonitor',
                     'echo test > botssys/infile/order.edi', 'bots-jobqueue history'):
         assert command in text, command
 
@@ -67,6 +68,7 @@ def test_first_five_minutes(tmp_path):
         assert re.search(r'^1\s+5\s+.*\s0\s+ok\s+bots-jobqueue-demo hello$', history[1]), history
         shown = run('bots-jobqueue', 'show', '1').stdout
         assert 'bots-jobqueue-demo ran (pid' in shown and 'with arguments: hello' in shown
+        assert run('bots-job2queue.py', 'bots-jobqueue-demo', '--sleep=10', 'slow').returncode == 0
 
         monitor = subprocess.Popen([script('bots-dirmonitor')], cwd=str(tmp_path), env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -74,9 +76,11 @@ def test_first_five_minutes(tmp_path):
         wait_until(lambda: log.exists() and 'infile' in log.read_text(), message='the monitor to watch')
         os.makedirs(str(tmp_path / 'botssys' / 'infile'), exist_ok=True)
         (tmp_path / 'botssys' / 'infile' / 'order.edi').write_text('test\n')
+        # As the README says: the monitor's job waits for "slow" (one job at a time), then runs.
         wait_until(lambda: re.search(r'bots-jobqueue-demo -c\S+ demo', run('bots-jobqueue', 'history').stdout),
-                   timeout=30, message='the engine for route "demo" in the history')
-        assert ' 0      ok ' in run('bots-jobqueue', 'history').stdout.splitlines()[1]
+                   timeout=40, message='the engine for route "demo" in the history')
+        history = run('bots-jobqueue', 'history').stdout.splitlines()
+        assert ' 0      ok ' in history[1] and history[1].endswith(' demo') and history[2].endswith(' slow'), history
     finally:
         for process in (monitor, server):
             if process is not None:
