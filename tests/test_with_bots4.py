@@ -310,3 +310,17 @@ def test_uninstall_leaves_bots4_whole_and_its_monitor_serving(tmp_path, wheel):
         assert os.path.isfile(os.path.join(bots.bin, name)), name
     with open(bots.ini) as handle:
         assert handle.read() == ini_before
+
+
+def test_inside_bots4_the_other_rules_for_the_configuration(into_bots4):
+    """$BOTS_CONFIG_DIR chooses the configuration, and says so; a $BOTSENV whose environment Bots 4
+    has not made yet is one line and exit 1, naming the rule."""
+    bots = into_bots4
+    missing = run([os.path.join(bots.bin, 'bots-jobqueueserver')], env=dict(bots.env, BOTSENV='nowhere'),
+                  cwd=bots.root, timeout=60)
+    assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    assert 'chosen by $BOTSENV (~/.bots/env/nowhere/config), as Bots 4 does) does not exist' in missing.stderr
+    server = bots.start([os.path.join(bots.bin, 'bots-jobqueueserver')], env=dict(bots.env, BOTS_CONFIG_DIR=bots.configdir))
+    wait_until(lambda: answering(bots.port, server), timeout=60, message='the server to answer')
+    assert 'configuration directory chosen by $BOTS_CONFIG_DIR.' in bots.log('jobqueue')
+    stop(server)
