@@ -497,8 +497,8 @@ class JobQueueRPCServer:
         self.pages = {}      # GET path -> function(query) returning (status, content type, body bytes)
         self.refusals = RateLimited(logger)
         self._own_names = own_names(settings.host)
-        self._busy_call = None           # (method, params) of the call that just met a busy store
-        self._retries = queue.SimpleQueue()   # (connection, call, deadline) for the retry thread
+        self._store_busy = False         # the call just dispatched met a busy store: it is retried
+        self._retries = queue.SimpleQueue()   # (connection, request body, deadline, client) to retry
         self._retrying = 0               # calls handed to it and not answered yet
         self._answers = collections.deque()   # (connection, answer bytes) from it, sent by the loop
         threading.Thread(target=self._retry_loop, name='rpc-retry', daemon=True).start()
@@ -672,9 +672,10 @@ class JobQueueRPCServer:
             connection.body_length = None
             if connection.method == 'POST':
                 CLIENT.set(connection.address[0])
+                self._store_busy = False
                 answer = self.dispatcher._marshaled_dispatch(body, self._call)
-                if self._busy_call is not None:
-                    self._retry_later(connection, self._busy_call)
+                if self._store_busy:
+                    self._retry_later(connection, body)
                     return
                 answer = http_answer(200, answer, close=not connection.keep_alive)
             else:
@@ -701,57 +702,45 @@ class JobQueueRPCServer:
     def _call(self, method, params):
         """Dispatch one call; one that finds the store busy is left to the retry thread (the loop
         must answer everyone else meanwhile).  While calls wait there, adds join them, in order."""
-        self._busy_call = None
         if self._retrying and method == 'addjob':
-            self._busy_call = (method, params)
-            return 0
+            self._store_busy = True
+            return 0                                # not sent: the retry thread answers
         try:
             return self.dispatcher._dispatch(method, params)
         except StoreBusy:
-            self._busy_call = (method, params)
-            return 0                                # not sent: the retry thread answers
+            self._store_busy = True
+            return 0
 
-    def _retry_later(self, connection, call):
-        self._busy_call = None
+    def _retry_later(self, connection, body):
         connection.waiting = True
         self._retrying += 1
         patience = min(self.settings.client_timeout / 2, self.settings.request_timeout)
         self._restart_deadline(connection)
-        self._retries.put((connection, call, time.monotonic() + patience, connection.address[0]))
+        self._retries.put((connection, body, time.monotonic() + patience, connection.address[0]))
 
     def _retry_loop(self):
-        """Try each call again until the store lets it through or the client's patience (half of
-        ``client_timeout``) has run out: then a Fault says it was not stored."""
+        """Answer each request left here as the loop would have, its call tried again while the
+        store is busy until the client's patience (half of ``client_timeout``) has run out: then
+        a Fault says it was not stored."""
         while True:
-            connection, (method, params), deadline, client = self._retries.get()
+            connection, body, deadline, client = self._retries.get()
             CLIENT.set(client)
-            while True:
-                try:
-                    answer = xmlrpc.client.dumps((self.dispatcher._dispatch(method, params),), methodresponse=True,
-                                                 allow_none=True)
-                    break
-                except StoreBusy:
-                    if time.monotonic() >= deadline:
-                        self.refusals.log(logging.WARNING, 'busy', client, 'The job store is locked by another '
-                                          'process: %s from %s is not stored; the client is told to try again.',
-                                          method, client)
-                        answer = xmlrpc.client.dumps(xmlrpc.client.Fault(
-                            1, 'the job store is locked by another process: not stored, try again'),
-                            methodresponse=True, allow_none=True)
-                        break
-                    time.sleep(0.05)
-                except xmlrpc.client.Fault as fault:
-                    answer = xmlrpc.client.dumps(fault, methodresponse=True, allow_none=True)
-                    break
-                except Exception as exc:             # as the dispatcher answers any other error
-                    answer = xmlrpc.client.dumps(xmlrpc.client.Fault(1, '%s:%s' % (type(exc), exc)),
-                                                 methodresponse=True, allow_none=True)
-                    break
-            self._answers.append((connection, answer.encode('utf-8', 'xmlcharrefreplace')))
+            answer = self.dispatcher._marshaled_dispatch(
+                body, lambda method, params: self._call_patiently(method, params, deadline, client))
+            self._answers.append((connection, answer))
             try:
                 self._wakeup_write.send(b'a')
             except OSError:
                 pass
+
+    def _call_patiently(self, method, params, deadline, client):
+        try:
+            return patiently(self.dispatcher._dispatch, method, params,
+                             patience=max(0.0, deadline - time.monotonic()))
+        except StoreBusy:
+            self.refusals.log(logging.WARNING, 'busy', client, 'The job store is locked by another process: %s '
+                              'from %s is not stored; the client is told to try again.', method, client)
+            raise xmlrpc.client.Fault(1, 'the job store is locked by another process: not stored, try again')
 
     def _answer_retried(self):
         try:
