@@ -70,25 +70,25 @@ def bots4_configdir():
     return os.path.join(os.path.expanduser('~'), '.bots', 'env', env, 'config'), rule
 
 
-def is_bots4_config(configdir):
-    """True for a configuration directory of Bots 4 (its settings.py works out its Bots
-    environment from where it lies)."""
+def read_settings(configdir):
+    """The text of ``<configdir>/settings.py`` (read, not imported: it needs Django), or ''."""
     try:
         with open(os.path.join(configdir, 'settings.py'), encoding='utf-8', errors='replace') as handle:
-            text = handle.read()
-    except OSError:
-        return False
-    return 'BOTS_CONFIG_DIR' in text or 'BOTSENV_PATH' in text
-
-
-def settings_time_zone(configdir):
-    """Django's ``TIME_ZONE`` in ``<configdir>/settings.py`` (read, not imported), or ''."""
-    import re
-    try:
-        with open(os.path.join(configdir, 'settings.py'), encoding='utf-8', errors='replace') as handle:
-            match = re.search(r'^TIME_ZONE\s*=\s*[\'"]([^\'"]+)[\'"]', handle.read(), re.MULTILINE)
+            return handle.read()
     except OSError:
         return ''
+
+
+def is_bots4_settings(settings):
+    """True for the settings.py of a Bots 4 configuration (it works out its Bots environment
+    from where it lies)."""
+    return 'BOTS_CONFIG_DIR' in settings or 'BOTSENV_PATH' in settings
+
+
+def settings_time_zone(settings):
+    """Django's ``TIME_ZONE`` in the text of a settings.py, or ''."""
+    import re
+    match = re.search(r'^TIME_ZONE\s*=\s*[\'"]([^\'"]+)[\'"]', settings, re.MULTILINE)
     return match.group(1) if match else ''
 
 
@@ -470,7 +470,8 @@ def load(configdir_name=None, clock=True):
     except (configparser.Error, UnicodeDecodeError, OSError) as exc:
         raise ini_syntax_error(inifile, exc)
     ini = BotsIni(parser, inifile)
-    bots4 = inside_bots4 or is_bots4_config(configdir)
+    settings = read_settings(configdir)
+    bots4 = inside_bots4 or is_bots4_settings(settings)
     botssys = ini.get('directories', 'botssys', 'botssys') or 'botssys'
     if bots4:
         served = inside_bots or bots4_beside(ini)
@@ -479,7 +480,7 @@ def load(configdir_name=None, clock=True):
     else:
         served = served_bots(configdir, inside_bots)
         botssys = os.path.join(served, botssys) if served else os.path.abspath(botssys)
-    zone_name = settings_time_zone(configdir) if clock else ''
+    zone_name = settings_time_zone(settings) if clock else ''
     time_zone = apply_time_zone(zone_name) if zone_name else None
     environment = Environment(configdir, ini, os.path.normpath(botssys), served, bool(inside_bots), bots4, rule,
                               time_zone)
