@@ -248,9 +248,10 @@ def test_a_clock_stepped_back_and_forward_silences_and_repeats_nothing(environme
     wait_until(lambda: fired('two') >= before[0] + 2 and fired('three') >= before[1] + 2, timeout=30,
                message='schedules after the clock went back')
     assert 'The clock went back' in environment.log()
-    wait_until(lambda: 'Finished job %d' % 5 in environment.log() or 'spanning' in str(proxy.history(50)),
-               timeout=30, message='the spanning job to end')
-    record = [r for r in proxy.history(50) if r['task'][-2:] == ['spanning', '--sleep=5']][0]
+    def spanning():
+        return [r for r in proxy.history(50) if r['task'][-2:] == ['spanning', '--sleep=5']]
+
+    record = wait_until(spanning, timeout=30, message='the spanning job in the history')[0]
     assert 4.5 < record['ended'] - record['started'] < 9, record
     assert '-1 day' not in environment.log()
     forward = fired('two'), fired('three')
