@@ -275,13 +275,15 @@ def bench_dispatch(results, root, jobs=30, rounds=6):
     """
     base = os.path.join(root, 'dispatch')
     environment = Environment(base)
+    trace = os.path.join(base, 'trace.txt')
+    environment.env['BOTS_JOBQUEUE_TRACE'] = trace
     environment.start_server()
     proxy = environment.proxy()
     tsp = shutil.which('tsp') or shutil.which('ts')
     env = dict(os.environ, TS_SOCKET=os.path.join(root, 'tsp.socket'), TS_MAXFINISHED='1000', TMPDIR=root)
     if tsp:
         subprocess.run([tsp, '-S', '1'], env=env, check=True, capture_output=True)
-    ours, reference = [], []
+    ours, reference, records = [], [], []
     for round_number in range(rounds):
         record = os.path.join(base, 'ours-%d.txt' % round_number)
         proxy.addjob(environment.engine('gate-%d' % round_number, '--sleep=1'), 1)
@@ -289,6 +291,7 @@ def bench_dispatch(results, root, jobs=30, rounds=6):
             proxy.addjob([environment.probe, record, str(number)], 5)
         wait_for(lambda: _lines(record) == 2 * jobs, timeout=120, interval=0.05)
         ours.extend(read_probe(record))
+        records.append(record)
         if tsp:
             record = os.path.join(base, 'tsp-%d.txt' % round_number)
             subprocess.run([tsp, 'sleep', '1'], env=env, check=True, capture_output=True)
@@ -297,7 +300,9 @@ def bench_dispatch(results, root, jobs=30, rounds=6):
                                capture_output=True)
             wait_for(lambda: _lines(record) == 2 * jobs, timeout=120, interval=0.05)
             reference.extend(read_probe(record))
+    history = proxy.history(10000)
     environment.stop_server()
+    dispatch_breakdown(results, records, history, trace)
     if not tsp:
         results.append(('dispatch gap ms, median (%d gaps)' % len(ours), statistics.median(ours) * 1000, None,
                         None, '<= 1.0 of tsp (tsp not installed: apt-get install task-spooler)', None))
@@ -307,6 +312,50 @@ def bench_dispatch(results, root, jobs=30, rounds=6):
         mine, theirs = percentile(ours, fraction) * 1000, percentile(reference, fraction) * 1000
         results.append(('dispatch gap ms, %s (%d gaps)' % (name, len(ours)), mine, theirs, mine / theirs,
                         '<= 1.0', mine / theirs <= 1.0))
+
+
+BREAKDOWN = (('the child ends -> the runner sees it (wait)', 'E', 'ended'),
+             ('record the end, commit, take the next job', 'ended', 'taken'),
+             ('authorization checked again', 'taken', 'authorized'),
+             ('pipe, output keeper, lock file', 'authorized', 'captured'),
+             ('fork and exec (Popen returns)', 'captured', 'forked'),
+             ("the job's own start, to its first stamp", 'forked', 'S'))
+
+
+def dispatch_breakdown(results, records, history, trace):
+    """Where our gap goes: the steps the server traced ($BOTS_JOBQUEUE_TRACE) between the probe
+    stamps of job i's end and job i+1's start; medians in ms, for information."""
+    number_of = {}              # (probe record, probe number) -> jobnumber
+    for entry in history:
+        task = entry['task']
+        if len(task) == 3 and task[1] in records:
+            number_of[(task[1], int(task[2]))] = entry['jobnumber']
+    steps = {}
+    with open(trace) as handle:
+        for line in handle:
+            step, stamp, jobnumber = line.split()
+            steps[(step, int(jobnumber))] = int(stamp) / 1e9
+    parts = {label: [] for label, _, _ in BREAKDOWN}
+    for record in records:
+        stamps = {}
+        with open(record) as handle:
+            for line in handle:
+                kind, stamp, number = line.split()
+                stamps[(kind, int(number))] = int(stamp) / 1e9
+        for number in range(max(n for _, n in stamps)):
+            this, following = number_of.get((record, number)), number_of.get((record, number + 1))
+            moments = {'E': stamps.get(('E', number)), 'S': stamps.get(('S', number + 1)),
+                       'ended': steps.get(('ended', this))}
+            for step in ('taken', 'authorized', 'captured', 'forked'):
+                moments[step] = steps.get((step, following))
+            if None in moments.values():
+                continue
+            for label, start, end in BREAKDOWN:
+                parts[label].append(moments[end] - moments[start])
+    for label, _, _ in BREAKDOWN:
+        if parts[label]:
+            results.append(('  gap step: %s, median ms' % label, statistics.median(parts[label]) * 1000, '-', '-',
+                            '-', None))
 
 
 def _lines(path):

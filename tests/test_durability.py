@@ -4,7 +4,7 @@ import re
 import signal
 import time
 
-from bots.botsjobqueue.launcher import is_alive
+from bots.botsjobqueue.processes import is_alive
 from conftest import finished_output, wait_until
 
 

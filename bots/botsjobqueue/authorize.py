@@ -31,7 +31,7 @@ import shutil
 import sys
 import time
 
-from .configuration import ENGINE_NAMES, find_program
+from .botsinstall import ENGINE_NAMES, find_program
 
 
 def _real(path):

@@ -10,7 +10,8 @@ import re
 import threading
 import time
 
-from .configuration import BUNDLED_CONFIG, ConfigError, bots_version
+from .botsinstall import BUNDLED_CONFIG, bots_version
+from .configuration import ConfigError
 
 STARTINFO = 25
 logging.addLevelName(STARTINFO, 'STARTINFO')

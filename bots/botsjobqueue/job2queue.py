@@ -4,12 +4,15 @@ Runs from schedulers every few minutes, so it imports only what it needs.
 """
 import sys
 
+from . import codes
+
 JOBQUEUEMESSAGE2TXT = {
-    0: 'OK, job is added to queue',
-    1: 'Error, job not to jobqueue. Can not contact jobqueue-server',
-    2: 'Error, no task to add to the job queue.',
-    3: 'Error, task is not authorized to run by the job queue (see [jobqueue] authorized_tasks in bots.ini).',
-    4: 'Duplicate job, not added.',
+    codes.ADDED: 'OK, job is added to queue',
+    codes.UNREACHABLE: 'Error, job not to jobqueue. Can not contact jobqueue-server',
+    codes.NO_TASK: 'Error, no task to add to the job queue.',
+    codes.NOT_AUTHORIZED: 'Error, task is not authorized to run by the job queue (see [jobqueue] authorized_tasks '
+                          'in bots.ini).',
+    codes.DUPLICATE: 'Duplicate job, not added.',
 }
 DEFAULT_TIMEOUT = 10      # seconds; a server that does not answer in time counts as unreachable
 
@@ -54,7 +57,7 @@ def _send(task_args, priority, port, timeout, host):
     try:
         return rpcclient.addjob(port, task_args, priority, timeout=timeout, host=host), ''
     except Exception as exc:      # CallFailed, or a Fault (wrong types, a busy store): not added
-        return 1, getattr(exc, 'faultString', None) or str(exc) or type(exc).__name__
+        return codes.UNREACHABLE, getattr(exc, 'faultString', None) or str(exc) or type(exc).__name__
 
 
 def _configured_port():
@@ -119,8 +122,8 @@ def start():
     message = JOBQUEUEMESSAGE2TXT.get(code, 'Error, unexpected answer %r from the jobqueue-server' % (code,))
     if reason:                    # Bots' words, then where and why
         message += ' (port %s: %s)' % (port, reason)
-    print(message, file=sys.stdout if code in (0, 4) else sys.stderr)
-    sys.exit(code if code in JOBQUEUEMESSAGE2TXT else 1)
+    print(message, file=sys.stdout if code in (codes.ADDED, codes.DUPLICATE) else sys.stderr)
+    sys.exit(code if code in JOBQUEUEMESSAGE2TXT else codes.UNREACHABLE)
 
 
 if __name__ == '__main__':

@@ -15,12 +15,9 @@ import sys
 import threading
 import time
 
+from .codes import ADDED, DUPLICATE
 from .store import StoreBusy, patiently
-
-ADDED = 0          # added, or the priority of a waiting duplicate changed
-NO_TASK = 2
-NOT_AUTHORIZED = 3
-DUPLICATE = 4      # same task already waiting with the same priority
+from .timers import Timers
 
 
 class Job:
@@ -57,17 +54,17 @@ def canonical_task(task):
 class JobQueue:
     """Waiting jobs, backed by a store.  All public methods are thread-safe."""
 
-    def __init__(self, store, max_bytes=None):
+    def __init__(self, store, max_bytes=None, timers=None):
         self._store = store
+        self._timers = timers or Timers('delayed-jobs')   # for jobs queued again later
         self.max_bytes = max_bytes  # bound of the waiting jobs' task bytes together (None: no bound)
         self._bytes = 0             # their task bytes now
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._heap = []          # (priority, jobnumber); may hold stale entries
         self._waiting = {}       # jobnumber -> Job, for jobs in the heap
-        self._delayed = {}       # jobnumber -> (Job, threading.Timer)
+        self._delayed = {}       # jobnumber -> (Job, timers.Timer, when it waits again as wall time)
         self._by_task = {}       # task -> Job, waiting or delayed
-        self._holds = 0          # while > 0, take() hands out nothing
         self.paused = False      # set by an operator: take() hands out nothing, add() goes on
         self._closed = False
 
@@ -127,7 +124,7 @@ class JobQueue:
         """The waiting jobs in launch order (delayed ones last, by job number)."""
         with self._lock:
             jobs = sorted(self._waiting.values(), key=lambda job: (job.priority, job.jobnumber))
-            jobs.extend(job for job, _ in sorted(self._delayed.values(), key=lambda d: d[0].jobnumber))
+            jobs.extend(entry[0] for entry in sorted(self._delayed.values(), key=lambda d: d[0].jobnumber))
             return jobs
 
     def first(self, count):
@@ -137,13 +134,13 @@ class JobQueue:
                     if self._is_live(entry))
             jobs = [self._waiting[entry[1]] for entry in live][:count]
             if len(jobs) < count:
-                jobs.extend(job for job, _ in sorted(self._delayed.values(), key=lambda d: d[0].jobnumber))
+                jobs.extend(entry[0] for entry in sorted(self._delayed.values(), key=lambda d: d[0].jobnumber))
             return jobs[:count]
 
     def retry_times(self):
         """When each delayed job waits again: ``{jobnumber: time}``."""
         with self._lock:
-            return {jobnumber: timer.retry_at for jobnumber, (_, timer) in self._delayed.items()}
+            return {jobnumber: retry_at for jobnumber, (_, _, retry_at) in self._delayed.items()}
 
     def get(self, jobnumber):
         """The waiting (or delayed) job with this number, or None."""
@@ -158,7 +155,7 @@ class JobQueue:
         with self._lock:
             count = len(self._by_task)
             self._store.remove_waiting()
-            for _, timer in self._delayed.values():
+            for _, timer, _ in self._delayed.values():
                 timer.cancel()
             self._heap.clear()
             self._waiting.clear()
@@ -172,7 +169,7 @@ class JobQueue:
         with self._lock:
             job = self._waiting.pop(jobnumber, None)
             if job is None and jobnumber in self._delayed:
-                job, timer = self._delayed.pop(jobnumber)
+                job, timer, _ = self._delayed.pop(jobnumber)
                 timer.cancel()
             if job is None:
                 return None
@@ -204,7 +201,7 @@ class JobQueue:
         """
         with self._lock:
             while True:
-                if not self._closed and self._holds == 0 and not self.paused:
+                if not self._closed and not self.paused:
                     job = self._pop()
                     if job is not None:
                         try:
@@ -252,21 +249,11 @@ class JobQueue:
             self.paused = paused
             self._changed.notify_all()
 
-    def hold(self):
-        """Stop handing out jobs until ``release()`` (a job from before a restart still runs)."""
-        with self._lock:
-            self._holds += 1
-
-    def release(self):
-        with self._lock:
-            self._holds -= 1
-            self._changed.notify_all()
-
     def close(self):
         """Wake every runner; take() returns None from now on.  Waiting jobs stay stored."""
         with self._lock:
             self._closed = True
-            for _, timer in self._delayed.values():
+            for _, timer, _ in self._delayed.values():
                 timer.cancel()
             self._changed.notify_all()
 
@@ -292,11 +279,8 @@ class JobQueue:
             heapq.heapify(self._heap)
 
     def _delay(self, job, seconds):
-        timer = threading.Timer(seconds, self._undelay, (job.jobnumber,))
-        timer.daemon = True
-        timer.retry_at = time.time() + seconds
-        self._delayed[job.jobnumber] = (job, timer)
-        timer.start()
+        timer = self._timers.add(seconds, self._undelay, job.jobnumber)
+        self._delayed[job.jobnumber] = (job, timer, time.time() + seconds)
 
     def _undelay(self, jobnumber):
         with self._lock:

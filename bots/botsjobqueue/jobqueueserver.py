@@ -14,13 +14,15 @@ import types
 from . import botslog, configuration, instance
 from .authorize import Authorizer
 from .jobqueue import Job, JobQueue, canonical_task
+from .jobstates import JobStates
 from .launcher import Launcher, LaunchSettings
-from .report import Reporter, read_mail_settings
-from .rpc import JobQueueRPCServer, JobQueueService, RPCSettings, listen
 from .metrics import Metrics
+from .report import Reporter, read_mail_settings
+from .rpcserver import JobQueueRPCServer, RPCSettings, listen
 from .schedule import Scheduler, read_schedules
-from .statuspage import StatusPages
+from .service import JobQueueService
 from .signals import Signals
+from .statuspage import StatusPages
 from .store import DamagedStore, Store
 
 # Bots 4's own bots-job2queue (beside this server it is Bots', inside Bots ours replaces it) reads
@@ -213,9 +215,11 @@ def serve(environment, signals):
     if count:
         logger.log(botslog.STARTINFO, 'Restored %d stored job(s); %d waiting.', count, len(queue))
     metrics = Metrics()
-    service = JobQueueService(queue, launcher, store, authorizer, rpc_settings, logger, metrics=metrics)
+    states = JobStates(queue, launcher, store)
+    service = JobQueueService(queue, states, store, authorizer, rpc_settings, logger, launcher.runners_alive,
+                              metrics=metrics)
     server.register_service(service)
-    server.pages = StatusPages(service, launcher, store, queue, metrics).routes()
+    server.pages = StatusPages(service, states, store, metrics).routes()
     metrics.state = service.health
     launcher.metrics = metrics
     if store.setting('paused'):

@@ -6,9 +6,10 @@ fields, or six with seconds first, or ``@hourly``, ``@daily``, ``@weekly``,
 daylight-saving days included: a time in the hour that is skipped fires once
 right after the change, a time in the hour that is repeated fires once.
 
-The scheduler is one thread of the server.  It keeps the next firing time of
-every schedule in a heap, sleeps until the first one (never more than a
-second at a time, so that a clock step is noticed), and fires a schedule by
+The scheduler keeps the next firing time of every schedule in a heap of
+wall-clock times, wakes up (a timer of its own thread, see ``timers.py``) at
+the first one - never more than a second later, so that a clock step is
+noticed - and fires a schedule by
 calling ``fire`` - the server's ``addjob`` path: authorization, the duplicate
 rule, priority.  After a firing, the next time is computed from *now*: a
 clock step or a long suspend fires a schedule once, never once per missed
@@ -27,8 +28,10 @@ import shlex
 import threading
 import time
 
+from . import codes
 from .configuration import ConfigError
 from .store import patiently
+from .timers import Timers
 
 ALIASES = {'@yearly': '0 0 1 1 *', '@annually': '0 0 1 1 *', '@monthly': '0 0 1 * *',
            '@weekly': '0 0 * * 0', '@daily': '0 0 * * *', '@midnight': '0 0 * * *', '@hourly': '0 * * * *'}
@@ -148,7 +151,7 @@ def words(value, label, key):
 
 
 class Scheduler:
-    """Fires the schedules on time, in a thread of its own.
+    """Fires the schedules on time, from a timer thread of its own.
 
     ``fire(schedule)`` queues one job and returns ``(code, jobnumber)``; ``store`` keeps when
     each schedule last fired (``last_fired``, ``set_fired``)."""
@@ -162,9 +165,10 @@ class Scheduler:
         self.logger = logger
         self.clock = clock
         self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
+        self._timers = Timers('scheduler', logger)
+        self._generation = 0       # of the wake-up that counts (a reload asks for one of its own)
+        self._started = False
         self._stopping = False
-        self._thread = None
         self.schedules = {}
         self._next = {}            # name -> next firing time
         self._heap = []            # (time, name), may hold stale entries
@@ -193,7 +197,8 @@ class Scheduler:
                     when = self._first_time(schedule, now, due if starting else None)
                 self._next[name] = when
                 heapq.heappush(self._heap, (when, name))
-            self._wake.notify()
+            if self._started:
+                self._wake_up(0)
         for schedule in due:
             self._fire(schedule, None)
 
@@ -221,37 +226,42 @@ class Scheduler:
                                      'skipped (catchup = none).', schedule.name, _when(missed))
         return schedule.next_after(now)
 
-    # ---- the thread
+    # ---- the wake-ups
     def start(self):
-        self._thread = threading.Thread(target=self._loop, name='scheduler', daemon=True)
-        self._thread.start()
+        with self._lock:
+            self._started = True
+            self._wake_up(0)
 
     def stop(self):
+        """Fire nothing more; a firing under way ends first (for up to 5 seconds)."""
         with self._lock:
             self._stopping = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join(5)
+        self._timers.close(wait=5)
 
-    def _loop(self):
+    def _wake_up(self, seconds):
+        """(With or without the lock.)  The next look in ``seconds``; an earlier one is dropped."""
+        self._generation += 1
+        self._timers.add(seconds, self._tick, self._generation)
+
+    def _tick(self, generation):
+        """Fire what is due, one at a time, then sleep until the next time (at most MAX_SLEEP)."""
         while True:
             with self._lock:
-                while True:
-                    if self._stopping:
-                        return
-                    now = self.clock()
-                    if now < self._seen - self.STEP_BACK:
-                        self._clock_stepped_back(now)
-                    self._seen = now
-                    top = self._live_top()
-                    if top is not None and top[0] <= now:
-                        when, name = heapq.heappop(self._heap)
-                        schedule = self.schedules[name]
-                        # From now, not from the missed time: a clock step fires once, not a burst.
-                        self._next[name] = schedule.next_after(max(now, when))
-                        heapq.heappush(self._heap, (self._next[name], name))
-                        break
-                    self._wake.wait(self.MAX_SLEEP if top is None else min(self.MAX_SLEEP, top[0] - now))
+                if self._stopping or generation != self._generation:
+                    return                     # stopped, or a reload asked for a look of its own
+                now = self.clock()
+                if now < self._seen - self.STEP_BACK:
+                    self._clock_stepped_back(now)
+                self._seen = now
+                top = self._live_top()
+                if top is None or top[0] > now:
+                    self._wake_up(self.MAX_SLEEP if top is None else min(self.MAX_SLEEP, top[0] - now))
+                    return
+                when, name = heapq.heappop(self._heap)
+                schedule = self.schedules[name]
+                # From now, not from the missed time: a clock step fires once, not a burst.
+                self._next[name] = schedule.next_after(max(now, when))
+                heapq.heappush(self._heap, (self._next[name], name))
             self._fire(schedule, when)
 
     def _clock_stepped_back(self, now):
@@ -282,7 +292,7 @@ class Scheduler:
                       patience=30)
         except Exception as exc:
             self.logger.error('Schedule [%s]: when it fired could not be stored: %s', schedule.name, exc)
-        if code == 4:
+        if code == codes.DUPLICATE:
             if schedule.name not in self._overrun:
                 self._overrun.add(schedule.name)
                 self.logger.warning('Schedule [%s]: its previous run (job %s) still waits; not queued again '

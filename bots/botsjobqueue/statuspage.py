@@ -119,11 +119,10 @@ JSON = 'application/json'
 class StatusPages:
     """The pages, made from the running server's parts."""
 
-    def __init__(self, service, launcher, store, queue, metrics):
+    def __init__(self, service, states, store, metrics):
         self.service = service
-        self.launcher = launcher
+        self.states = states          # jobstates.JobStates: the running jobs' output so far
         self.store = store
-        self.queue = queue
         self.metrics = metrics
 
     def routes(self):
@@ -141,7 +140,7 @@ class StatusPages:
         status = self.service.status(100)
         running = []
         for job in status['running']:
-            job = dict(job, output_tail=self.launcher.output_tail(job['jobnumber'], TAIL))
+            job = dict(job, output_tail=self.states.output_tail(job['jobnumber'], TAIL))
             running.append(job)
         retry = status.get('retry_at', {})
         waiting = [{'priority': priority, 'jobnumber': number, 'task': task, 'retry_at': retry.get(str(number))}
@@ -171,7 +170,7 @@ class StatusPages:
             return 404, TEXT, b'no job %d\n' % jobnumber
         text = job.get('output')
         if text is None:
-            text = self.launcher.output_tail(jobnumber, 1 << 20) or '(no output yet)'
+            text = self.states.output_tail(jobnumber, 1 << 20) or '(no output yet)'
         return 200, TEXT, text.encode('utf-8', 'replace')
 
     def health(self, query):
