@@ -55,7 +55,10 @@ class Recorder:
         self.metrics = None            # counts finished jobs, when the server has metrics
 
     def log_ends(self, ends):
+        """Log how each job ended (once), and let go of what the server held for it - after the
+        next job has started, so that it is no part of the gap between two jobs."""
         for end in ends:
+            end.capture.job_ended()
             if not end.logged:
                 end.logged = True
                 exitcode = end.exitcode

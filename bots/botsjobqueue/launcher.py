@@ -117,6 +117,7 @@ class Launcher:
         self.logger = logger
         self.reporter = reporter
         self.active = {}               # jobnumber -> Starting, RunningJob or Ended (see jobstates)
+        self._running_count = 0        # of the RunningJobs in it
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)      # notified when a job stops running
         self._stopping = False
@@ -162,7 +163,7 @@ class Launcher:
         """The running jobs (all of them at once; with ``wait``, those still running after ``seconds``)."""
         deadline = time.monotonic() + seconds
         with self._idle:
-            while wait and self._running() and time.monotonic() < deadline:
+            while wait and self._running_count and time.monotonic() < deadline:
                 self._idle.wait(deadline - time.monotonic())
             return self._running()
 
@@ -198,7 +199,8 @@ class Launcher:
                 self.active.pop(jobnumber, None)
             else:
                 self.active[jobnumber] = entry
-            idle = was_running and not self._running()
+            self._running_count += (entry is not None and entry.state == 'running') - was_running
+            idle = was_running and not self._running_count
             if was_running:
                 self._idle.notify_all()
         if idle and self.on_idle is not None:
@@ -299,7 +301,6 @@ class Launcher:
         exitcode = running.process.wait()
         if TRACE:
             TRACE('ended', running.job.jobnumber)
-        running.capture.job_ended()
         for timer in running.timers:
             timer.cancel()
         end = self._finished(running, exitcode)
