@@ -6,10 +6,16 @@ bots-job2queue, whose start-up time counts: it speaks HTTP over a plain socket
 and writes and reads its few XML elements itself, so that neither http.client
 nor xmlrpc.client (which pull in the e-mail and SSL packages) is imported.
 Any other call, and any addjob with values of unusual types, goes through
-xmlrpc.client.
+xmlrpc.client.  To a server at an IPv4 address (the loopback one, as a rule)
+it connects through the interpreter's own ``_socket``: the ``socket`` module
+around it builds its enums at import, a cost on every start of the client.
 """
 import re
-import socket
+
+try:
+    import _socket
+except ImportError:          # an interpreter without CPython's module: the usual one
+    _socket = None
 
 MAX_ANSWER = 16 * 1024 * 1024
 FAULT_STRING = re.compile(rb'<name>faultString</name>\s*<value>(?:<string>)?([^<]*)')
@@ -45,12 +51,12 @@ def _escape(text):
 
 def post(host, port, body, timeout):
     """POST ``body`` to the server (HTTP/1.0, so the server closes when done); the answer's body."""
+    request = (b'POST /RPC2 HTTP/1.0\r\nHost: %s:%d\r\nContent-Type: text/xml\r\n'
+               b'Content-Length: %d\r\n\r\n' % (host.encode('ascii', 'replace'), port, len(body)) + body)
     try:
-        # An address as bytes: a str is encoded with the idna codec first, a cost on every call.
-        with socket.create_connection((host.encode('ascii', 'replace') if host.replace('.', '').isdigit() else host,
-                                       port), timeout=timeout) as sock:
-            sock.sendall(b'POST /RPC2 HTTP/1.0\r\nHost: %s:%d\r\nContent-Type: text/xml\r\n'
-                         b'Content-Length: %d\r\n\r\n' % (host.encode('ascii'), port, len(body)) + body)
+        sock = _connect(host, port, timeout)
+        try:
+            sock.sendall(request)
             chunks = []
             size = 0
             while True:
@@ -61,6 +67,8 @@ def post(host, port, body, timeout):
                 size += len(chunk)
                 if size > MAX_ANSWER:
                     raise CallFailed('the answer is too large')
+        finally:
+            sock.close()
     except OSError as exc:
         raise CallFailed(str(exc) or type(exc).__name__)
     head, _, answer = b''.join(chunks).partition(b'\r\n\r\n')
@@ -68,6 +76,21 @@ def post(host, port, body, timeout):
     if status != [b'200']:
         raise CallFailed('the server answered HTTP %s' % (status[0].decode('ascii', 'replace') if status else '?'))
     return answer
+
+
+def _connect(host, port, timeout):
+    """A connected socket (raises OSError)."""
+    if _socket is not None and host.count('.') == 3 and host.replace('.', '').isdigit():
+        sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect((host.encode('ascii'), port))     # bytes: a str would go through the idna codec
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    import socket
+    return socket.create_connection((host, port), timeout=timeout)
 
 
 def call(port, method, *params, timeout=10, host='127.0.0.1'):
