@@ -103,6 +103,25 @@ def test_burst_of_files_gives_one_job_per_route(monitored):
     assert sorted(routes(monitored)) == ['inbound', 'other']
 
 
+def test_events_lost_in_an_overflow_leave_no_directory_unseen(monitored):
+    """The system's event queue (inotify: 16,384 events) overflows while the monitor cannot read
+    it - stopped here with SIGSTOP, as a busy machine would hold it - and drops the events of the
+    last file: each directory with files is queued all the same, once, and the loss is said."""
+    monitored.start_server()
+    monitored.monitor.start()
+    monitored.monitor.process.send_signal(signal.SIGSTOP)
+    try:
+        for number in range(7000):          # 3 events each: the queue is full long before the end
+            write(monitored.inbox / ('f%05d.edi' % number))
+        write(monitored.other / 'late.txt')   # its events find the queue full
+    finally:
+        monitored.monitor.process.send_signal(signal.SIGCONT)
+    wait_until(lambda: len(monitored.runs()) >= 2, timeout=60, message='both routes')
+    time.sleep(2)
+    assert sorted(routes(monitored)) == ['inbound', 'other']
+    assert 'File events were lost' in monitored.log('dirmonitor')
+
+
 def test_mask_and_recursion(monitored):
     monitored.start_server()
     monitored.monitor.start()

@@ -12,7 +12,7 @@ package, under names Bots does not use.  Where a job goes, in order:
 - ``job2queue``       the client program and ``send_job_to_jobqueue()``; ``rpcclient`` its calls
 - ``rpcserver``       the server's HTTP front: one event loop, a plain state per connection
 - ``httphead``        what a request head may say (framing, browser rules), and the answer's head
-- ``service``         the XML-RPC methods (``addjob`` ...): what each call does and answers
+- ``rpcservice``      the XML-RPC methods (``addjob`` ...): what each call does and answers
 - ``jobqueue``        the queue of waiting jobs (priority heap + duplicate index)
 - ``store``           where waiting, running and finished jobs are kept (SQLite)
 - ``runner``          runners: take the next job, have it started, record the one before
@@ -39,9 +39,9 @@ Around it:
 - ``jobqueuetool``    ``bots-jobqueue``, the operator's view; ``demo`` ``bots-jobqueue-demo``
 - ``signals``         signals, caught in one place for each program
 - ``configuration``   ``-c<directory>`` and bots.ini; ``botsinstall`` where Bots is; ``botslog`` logging
-- ``config/``         the bundled configuration (bots.ini, settings.py)
+- ``config/``         the bundled configuration (bots.ini, settings.py); ``service/`` systemd units
 """
 
 # This package's own version (MAJOR.MINOR.PATCH, see README "Versions"), not the Bots it serves.
-__version__ = '1.0.0'
+__version__ = '1.0.1'
 BOTS_VERSIONS = '3.3.1 and 4.0'      # the Bots releases it is tested with

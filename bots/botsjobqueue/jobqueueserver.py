@@ -19,8 +19,8 @@ from .launcher import Launcher, LaunchSettings
 from .metrics import Metrics
 from .report import Reporter, read_mail_settings
 from .rpcserver import JobQueueRPCServer, RPCSettings, listen
+from .rpcservice import JobQueueService
 from .schedule import Scheduler, read_schedules
-from .service import JobQueueService
 from .signals import Signals
 from .statuspage import StatusPages
 from .store import DamagedStore, Store

@@ -24,7 +24,7 @@ Each connection is in one of four states, and the selector calls its
 handler: ``reading`` a request, ``writing`` an answer that did not fit at
 once, ``waiting`` for a call the store kept busy (the retry thread answers
 it), ``closing`` once its last answer is out.  What a request head may say is
-``httphead.py``; what a call does is ``service.py``.
+``httphead.py``; what a call does is ``rpcservice.py``.
 """
 import collections
 import logging
@@ -39,7 +39,7 @@ from xmlrpc.server import SimpleXMLRPCDispatcher
 
 from .botslog import RateLimited
 from .httphead import PAGE_HEADERS, BrowserRules, Refusal, body_length, head_end, http_answer, parse_head
-from .service import CLIENT
+from .rpcservice import CLIENT
 from .store import StoreBusy, patiently
 
 BUFFER_BUDGET = 64 * 1024 * 1024  # unanswered request bytes of all connections together

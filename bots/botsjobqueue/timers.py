@@ -6,6 +6,10 @@ wake-ups.  A thread per timer would cost every dispatch its start and
 cancel; the stdlib's ``sched`` blocks the thread that runs it and cancels in
 O(n).  Times are on the monotonic clock, so a step of the wall clock moves
 none of them (the scheduler turns its wall-clock times into delays itself).
+The HTTP front's request deadlines are not timers: only its loop may touch a
+connection, and as every deadline is ``request_timeout`` long, connections
+kept in the order of their deadlines give the next one due without a heap
+(see ``rpcserver.py``).
 
 A heap of ``[due, sequence, function, args, live]`` as in ``sched``: the
 sequence keeps equal times in the order they were set, a cancelled timer

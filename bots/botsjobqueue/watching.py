@@ -13,6 +13,7 @@ trigger file (``TriggerWatch``) asks for a reload.  The program around this,
 its options and its reloads, is ``dirmonitor.py``.
 """
 import collections
+import logging
 import os
 import sys
 import threading
@@ -22,6 +23,8 @@ from watchdog.events import FileSystemEventHandler
 
 from . import botslog, codes
 from .job2queue import send_job_to_jobqueue
+
+OVERFLOW_LOGGER = 'watchdog.observers.inotify_c'     # where watchdog says that events were lost
 
 class Outbox:
     """Jobs to send to the queue, in order, each once; retried while the server is unreachable."""
@@ -110,6 +113,8 @@ class DirMonitor:
         self._states = {}
         self._observers = {}
         self._stopping = False
+        self._overflow = OverflowAlarm(self)
+        logging.getLogger(OVERFLOW_LOGGER).addHandler(self._overflow)
 
     # ---- watching
     def start(self, watches, process_existing):
@@ -123,6 +128,7 @@ class DirMonitor:
                 observer.start()
 
     def stop_watching(self):
+        logging.getLogger(OVERFLOW_LOGGER).removeHandler(self._overflow)
         for observer in self._observers.values():
             observer.stop()
         for observer in self._observers.values():
@@ -264,11 +270,44 @@ class DirMonitor:
                                  state.watch.section, state.watch.route)
                 self._dirty(state)
 
+    def events_lost(self):
+        """The system dropped file events (its inotify queue overflowed in a burst): every watched
+        directory that holds matching files is taken as changed, so that none waits unseen, and
+        no file waits for a close event that was lost."""
+        with self._changed:
+            if self._stopping:
+                return
+        self.logger.warning('File events were lost (the event queue of the system overflowed in a burst of '
+                            'files); each watched directory with files in it is queued once it is quiet.')
+        for state in list(self._states.values()):
+            if state.watch.polling:
+                continue
+            with self._changed:
+                # Which files were closed is lost too: a file still written sends events again,
+                # one written and closed before the loss is complete.
+                state.writing.clear()
+            if state.watch.existing_files():
+                self._dirty(state)
+
     def mark_dirty(self, identities):
         """Watches (by identity) that had files waiting to settle before a reload."""
         for state in self._states.values():
             if state.watch.identity() in identities:
                 self._dirty(state)
+
+
+class OverflowAlarm(logging.Handler):
+    """watchdog tells of lost events (an inotify queue overflow) only in its log, and sends no
+    event for them: this handler hears it there and has the monitor look at every directory."""
+
+    def __init__(self, monitor):
+        super().__init__(logging.WARNING)
+        self.monitor = monitor
+
+    def emit(self, record):
+        if 'overflow' in record.getMessage().lower():
+            # Not in watchdog's own thread: looking at directories of many files takes a while.
+            threading.Thread(target=self.monitor.events_lost, name='events-lost', daemon=True).start()
 
 
 class EventHandler(FileSystemEventHandler):
