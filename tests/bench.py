@@ -315,9 +315,10 @@ def bench_dispatch(results, root, jobs=30, rounds=6):
 
 
 BREAKDOWN = (('the child ends -> the runner sees it (wait)', 'E', 'ended'),
-             ('record the end, commit, take the next job', 'ended', 'taken'),
+             ('what the end means (status, timers, job states)', 'ended', 'decided'),
+             ("runner's lock file, end recorded + next taken (one commit)", 'decided', 'taken'),
              ('authorization checked again', 'taken', 'authorized'),
-             ('pipe, output keeper, lock file', 'authorized', 'captured'),
+             ('pipe handed to the output keeper', 'authorized', 'captured'),
              ('fork and exec (Popen returns)', 'captured', 'forked'),
              ("the job's own start, to its first stamp", 'forked', 'S'))
 
@@ -345,7 +346,7 @@ def dispatch_breakdown(results, records, history, trace):
         for number in range(max(n for _, n in stamps)):
             this, following = number_of.get((record, number)), number_of.get((record, number + 1))
             moments = {'E': stamps.get(('E', number)), 'S': stamps.get(('S', number + 1)),
-                       'ended': steps.get(('ended', this))}
+                       'ended': steps.get(('ended', this)), 'decided': steps.get(('decided', this))}
             for step in ('taken', 'authorized', 'captured', 'forked'):
                 moments[step] = steps.get((step, following))
             if None in moments.values():
@@ -614,7 +615,15 @@ def bench_dirmonitor(results, root, quiet=1.0, samples=5, burst=10000):
         with open(os.path.join(inbox if number % 2 else other, 'burst%05d.edi' % number), 'w') as handle:
             handle.write('x')
     time.sleep(quiet + 5)
-    wait_for(lambda: len(_runs(environment, 'end')) >= before + 2, timeout=60)
+    try:
+        wait_for(lambda: len(_runs(environment, 'end')) >= before + 2, timeout=60)
+    except RuntimeError:
+        with open(os.path.join(base, 'botssys', 'logging', 'dirmonitor.log')) as handle:
+            print('The burst was not queued; the end of the monitor\'s log:\n' + ''.join(handle.readlines()[-15:]),
+                  file=sys.stderr)
+        monitor.kill()
+        environment.kill_server()
+        raise
     routes = [run['argv'][-1] for run in _runs(environment)[before:]]
     peak = rss_mb(monitor.pid)
     results.append(('dirmonitor %d-file burst: jobs inbound/other' % burst,

@@ -305,6 +305,8 @@ class Launcher:
             timer.cancel()
         end = self._finished(running, exitcode)
         self._set(running.job.jobnumber, end if end.leaves_queue else None)
+        if TRACE:
+            TRACE('decided', running.job.jobnumber)
         return end
 
     def _arm_maxruntime(self, running, seconds):

@@ -25,6 +25,7 @@ from . import botslog, codes
 from .job2queue import send_job_to_jobqueue
 
 OVERFLOW_LOGGER = 'watchdog.observers.inotify_c'     # where watchdog says that events were lost
+LOST_EVENTS_SETTLE = 1.5     # seconds: more than watchdog holds events back (0.5 s) before it hands them on
 
 class Outbox:
     """Jobs to send to the queue, in order, each once; retried while the server is unreachable."""
@@ -274,6 +275,9 @@ class DirMonitor:
         """The system dropped file events (its inotify queue overflowed in a burst): every watched
         directory that holds matching files is taken as changed, so that none waits unseen, and
         no file waits for a close event that was lost."""
+        # watchdog hands the events read before the overflow on a moment later (it holds them
+        # to pair moves): let them come first, or they would note files as open once more.
+        time.sleep(LOST_EVENTS_SETTLE)
         with self._changed:
             if self._stopping:
                 return
