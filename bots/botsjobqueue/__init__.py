@@ -30,7 +30,7 @@ Around it:
 
 - ``overlay``         Bots' three module names answered with this package's programs
 - ``watches``         what the directory monitor watches (sections, Bots 4's routes)
-- ``watching``        file events become one engine job per route; the outbox; the trigger file
+- ``watching``        file events become one engine job per route; the outbox that sends it
 - ``botsroutes``      the routes of Bots' database that Bots 4 flags for the dirmonitor
 - ``instance``        only one server and one dirmonitor per botssys
 - ``authorize``       which tasks the server agrees to run

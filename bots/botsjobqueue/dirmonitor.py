@@ -9,11 +9,13 @@ import sys
 import threading
 import time
 
+from watchdog.events import FileSystemEventHandler
+
 from . import botslog, configuration, instance
 from .authorize import Authorizer
 from .signals import Signals
 from .watches import MonitorSettings
-from .watching import DirMonitor, Outbox, TriggerWatch
+from .watching import DirMonitor, Outbox
 
 USAGE = '''\
 This is "%(name)s" (%(version)s), the directory monitor of the Bots job queue.
@@ -81,6 +83,57 @@ def parse_args(argv, name):
     """``(configdir, reload)`` from the command line."""
     reload = '--reload' in argv
     return configuration.configdir_from_args([arg for arg in argv if arg != '--reload'], name, USAGE), reload
+
+
+class TriggerWatch:
+    """Watches the trigger file (Bots 4's way to reload a dirmonitor, and the one on Windows):
+    when it says ``reload``, the command ``reload`` is given and the file removed."""
+
+    def __init__(self, path, commands, logger):
+        self.path = path
+        self.commands = commands
+        self.logger = logger
+        self._observer = None
+        self.clear()
+
+    def clear(self):
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.logger.error('Cannot remove the trigger file %s: %s', self.path, exc.strerror or exc)
+
+    def start(self):
+        from watchdog.observers import Observer
+        trigger = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event):
+                if not event.is_directory and trigger.path in (event.src_path, getattr(event, 'dest_path', '')):
+                    trigger.look()
+
+        self._observer = Observer()
+        self._observer.daemon = True
+        try:
+            self._observer.schedule(Handler(), os.path.dirname(self.path), recursive=False)
+            self._observer.start()
+        except OSError as exc:
+            self.logger.error('Cannot watch the trigger file %s: %s', self.path, exc.strerror or exc)
+
+    def look(self):
+        try:
+            with open(self.path, encoding='utf-8', errors='replace') as handle:
+                content = handle.read().strip().lower()
+        except OSError:
+            return
+        if content == 'reload':
+            self.clear()
+            self.commands.put('reload')
+
+    def stop(self):
+        if self._observer is not None:
+            self._observer.stop()
 
 
 def start():

@@ -238,9 +238,10 @@ class NoLocks:
 def run_locks(directory, runners):
     """The lock files of this platform: ``RunLocks`` where there is ``flock``, else ``NoLocks``."""
     try:
-        import fcntl  # noqa: F401
+        import fcntl
     except ImportError:
         return NoLocks()
+    del fcntl                 # RunLocks imports it itself
     return RunLocks(directory, runners)
 
 

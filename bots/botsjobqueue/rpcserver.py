@@ -24,7 +24,10 @@ Each connection is in one of four states, and the selector calls its
 handler: ``reading`` a request, ``writing`` an answer that did not fit at
 once, ``waiting`` for a call the store kept busy (the retry thread answers
 it), ``closing`` once its last answer is out.  What a request head may say is
-``httphead.py``; what a call does is ``rpcservice.py``.
+``httphead.py``; what a call does is ``rpcservice.py``.  The loop, the
+connections and the retries of calls that met a busy store stay in this one
+module (about 450 lines): only the loop's thread may change a connection, and
+every part here does.
 """
 import collections
 import logging

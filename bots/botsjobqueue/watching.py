@@ -9,8 +9,8 @@ sent to the job queue.  However many files arrive, that is one job.
 
 Jobs the server cannot take yet (it is down) stay in the outbox and are sent
 again with a growing pause; nothing is dropped while the monitor runs.  The
-trigger file (``TriggerWatch``) asks for a reload.  The program around this,
-its options and its reloads, is ``dirmonitor.py``.
+program around this - its options, its reloads and the trigger file that asks
+for one - is ``dirmonitor.py``.
 """
 import collections
 import logging
@@ -99,6 +99,7 @@ class WatchState:
         self.dirty = False
         self.last_event = 0.0
         self.writing = {}        # path -> time of its last event; files open for writing
+        self.queued_at = None    # when its job was last sent (time.monotonic)
         self.observed = None     # the watchdog watch of the directory, or of the ancestor awaited
         self.missing = False     # the directory does not exist (and that was logged)
 
@@ -209,6 +210,7 @@ class DirMonitor:
             return
         with self._changed:
             now = time.monotonic()
+            was_dirty, was_writing = state.dirty, bool(state.writing)
             if kind == 'writing':
                 state.writing[path] = now
             else:
@@ -216,7 +218,11 @@ class DirMonitor:
             if kind != 'gone':
                 state.dirty = True
                 state.last_event = now
-            self._changed.notify()
+            # The settle loop is woken only when a job may be due sooner than it thinks: a watch
+            # that turned dirty, or whose last open file closed.  A burst brings tens of
+            # thousands of events; waking it for each would hold up watchdog's own threads.
+            if state.dirty and (not was_dirty or (was_writing and not state.writing)):
+                self._changed.notify()
 
     def _dirty(self, state):
         with self._changed:
@@ -247,6 +253,7 @@ class DirMonitor:
                         due = state.last_event + quiet
                         if due <= now:
                             state.dirty = False
+                            state.queued_at = now
                             self.logger.info('[%s] files arrived; queueing route "%s".',
                                              state.watch.section, state.watch.route)
                             self.outbox.put(state.watch.task, state.watch.priority)
@@ -271,10 +278,12 @@ class DirMonitor:
                                  state.watch.section, state.watch.route)
                 self._dirty(state)
 
-    def events_lost(self):
-        """The system dropped file events (its inotify queue overflowed in a burst): every watched
-        directory that holds matching files is taken as changed, so that none waits unseen, and
-        no file waits for a close event that was lost."""
+    def events_lost(self, noticed):
+        """The system dropped file events (its inotify queue overflowed in a burst; ``noticed``:
+        when watchdog said so, on the monotonic clock).  A watch whose job is still to be sent,
+        or was sent since, covers the lost files: the engine takes every file there when it runs.
+        Every other watch that holds matching files is taken as changed, so that none waits
+        unseen; and no file waits for a close event that was lost."""
         # watchdog hands the events read before the overflow on a moment later (it holds them
         # to pair moves): let them come first, or they would note files as open once more.
         time.sleep(LOST_EVENTS_SETTLE)
@@ -282,7 +291,7 @@ class DirMonitor:
             if self._stopping:
                 return
         self.logger.warning('File events were lost (the event queue of the system overflowed in a burst of '
-                            'files); each watched directory with files in it is queued once it is quiet.')
+                            'files); each watched directory with files in it is looked at again.')
         for state in list(self._states.values()):
             if state.watch.polling:
                 continue
@@ -290,7 +299,10 @@ class DirMonitor:
                 # Which files were closed is lost too: a file still written sends events again,
                 # one written and closed before the loss is complete.
                 state.writing.clear()
-            if state.watch.existing_files():
+                covered = state.dirty or (state.queued_at is not None and state.queued_at >= noticed)
+                if state.dirty:
+                    self._changed.notify()
+            if not covered and state.watch.existing_files():
                 self._dirty(state)
 
     def mark_dirty(self, identities):
@@ -311,7 +323,8 @@ class OverflowAlarm(logging.Handler):
     def emit(self, record):
         if 'overflow' in record.getMessage().lower():
             # Not in watchdog's own thread: looking at directories of many files takes a while.
-            threading.Thread(target=self.monitor.events_lost, name='events-lost', daemon=True).start()
+            threading.Thread(target=self.monitor.events_lost, args=(time.monotonic(),), name='events-lost',
+                             daemon=True).start()
 
 
 class EventHandler(FileSystemEventHandler):
@@ -363,54 +376,3 @@ class AppearHandler(FileSystemEventHandler):
     def on_any_event(self, event):
         if event.is_directory and event.event_type in ('created', 'moved'):
             self.monitor.reobserve_soon(self.state)
-
-
-class TriggerWatch:
-    """Watches the trigger file (Bots 4's way to reload a dirmonitor, and the one on Windows):
-    when it says ``reload``, the command ``reload`` is given and the file removed."""
-
-    def __init__(self, path, commands, logger):
-        self.path = path
-        self.commands = commands
-        self.logger = logger
-        self._observer = None
-        self.clear()
-
-    def clear(self):
-        try:
-            os.remove(self.path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            self.logger.error('Cannot remove the trigger file %s: %s', self.path, exc.strerror or exc)
-
-    def start(self):
-        from watchdog.observers import Observer
-        trigger = self
-
-        class Handler(FileSystemEventHandler):
-            def on_any_event(self, event):
-                if not event.is_directory and trigger.path in (event.src_path, getattr(event, 'dest_path', '')):
-                    trigger.look()
-
-        self._observer = Observer()
-        self._observer.daemon = True
-        try:
-            self._observer.schedule(Handler(), os.path.dirname(self.path), recursive=False)
-            self._observer.start()
-        except OSError as exc:
-            self.logger.error('Cannot watch the trigger file %s: %s', self.path, exc.strerror or exc)
-
-    def look(self):
-        try:
-            with open(self.path, encoding='utf-8', errors='replace') as handle:
-                content = handle.read().strip().lower()
-        except OSError:
-            return
-        if content == 'reload':
-            self.clear()
-            self.commands.put('reload')
-
-    def stop(self):
-        if self._observer is not None:
-            self._observer.stop()
