@@ -13,6 +13,7 @@ package, under names Bots does not use.  Where a job goes, in order:
 - ``rpcserver``       the server's HTTP front: one event loop, a plain state per connection
 - ``httphead``        what a request head may say (framing, browser rules), and the answer's head
 - ``rpcservice``      the XML-RPC methods (``addjob`` ...): what each call does and answers
+- ``admission``       whether a task may be queued (clients' and schedules' alike), and its log line
 - ``jobqueue``        the queue of waiting jobs (priority heap + duplicate index)
 - ``store``           where waiting, running and finished jobs are kept (SQLite)
 - ``runner``          runners: take the next job, have it started, record the one before

@@ -12,6 +12,7 @@ import time
 import types
 
 from . import botslog, configuration, instance
+from .admission import Admission
 from .authorize import Authorizer
 from .jobqueue import Job, JobQueue, canonical_task
 from .jobstates import JobStates
@@ -181,8 +182,8 @@ def serve(environment, signals):
         # First of all: a second server refused here leaves nothing behind (no lock, no log).
         listener = listen(rpc_settings)
     except OSError as exc:
-        raise configuration.ConfigError('Error: cannot listen on %s port %s (%s); is another bots-jobqueueserver running?'
-                                 % (rpc_settings.host, rpc_settings.port, exc.strerror or exc))
+        raise configuration.ConfigError('Error: cannot listen on %s port %s (%s); is another bots-jobqueueserver '
+                                        'running?' % (rpc_settings.host, rpc_settings.port, exc.strerror or exc))
     lock = instance.hold(os.path.join(environment.botssys, 'jobqueue'), 'bots-jobqueueserver', environment.botssys)
     logger = botslog.init(environment, 'jobqueue')
     launch_settings = checked.launch
@@ -216,8 +217,8 @@ def serve(environment, signals):
         logger.log(botslog.STARTINFO, 'Restored %d stored job(s); %d waiting.', count, len(queue))
     metrics = Metrics()
     states = JobStates(queue, launcher, store)
-    service = JobQueueService(queue, states, store, authorizer, rpc_settings, logger, launcher.runners_alive,
-                              metrics=metrics)
+    admission = Admission(queue, store, authorizer, logger, metrics)
+    service = JobQueueService(queue, states, store, admission, rpc_settings, logger, launcher.runners_alive)
     server.register_service(service)
     server.pages = StatusPages(service, states, store, metrics).routes()
     metrics.state = service.health
@@ -226,8 +227,8 @@ def serve(environment, signals):
         queue.pause(True)
         logger.log(botslog.STARTINFO, 'The queue is paused (since %s): no job starts until "bots-jobqueue resume".',
                    time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(store.setting('paused')))))
-    scheduler = Scheduler(schedules, store, lambda schedule: service.add(schedule.task, schedule.priority,
-                                                                        schedule.name), logger)
+    scheduler = Scheduler(schedules, store, lambda schedule: admission.add(schedule.task, schedule.priority,
+                                                                          schedule.name), logger)
     service.scheduler = scheduler
     scheduler.metrics = metrics
     if schedules:

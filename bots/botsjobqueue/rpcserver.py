@@ -40,9 +40,9 @@ import time
 import xmlrpc.client
 from xmlrpc.server import SimpleXMLRPCDispatcher
 
+from .admission import CLIENT
 from .botslog import RateLimited
 from .httphead import PAGE_HEADERS, BrowserRules, Refusal, body_length, head_end, http_answer, parse_head
-from .rpcservice import CLIENT
 from .store import StoreBusy, patiently
 
 BUFFER_BUDGET = 64 * 1024 * 1024  # unanswered request bytes of all connections together

@@ -3,23 +3,17 @@
 The Bots methods keep their names and answers (``addjob``, ``listjobs``,
 ``clearjobq``); ``status``, ``history``, ``showjob``, ``removejob``,
 ``schedules``, ``pause`` and ``resume`` are added for operators.  Bad input
-gets an XML-RPC fault and changes nothing.  Schedules queue their jobs
-through ``add`` too, so the same rules hold for them.  The HTTP server in
-front of it is ``rpcserver.py``.
+gets an XML-RPC fault and changes nothing.  What may be queued is decided
+by ``admission.py``, which schedules ask too.  The HTTP server in front of it
+is ``rpcserver.py``.
 """
-import contextvars
-import logging
 import time
 import xmlrpc.client
 
-from . import codes, jobqueue
-from .botslog import RateLimited
-from .jobqueue import task_size
-from .store import patiently
+from . import codes
+from .jobqueue import QueueFull, task_size
 
 ISUP_TASK = ['isup']
-# Who sent the request being answered (the address), for the log; a schedule is 'this server'.
-CLIENT = contextvars.ContextVar('client', default='this server')
 
 
 # What one answer of listjobs, status or history carries at most, counted as the bytes of its
@@ -53,25 +47,21 @@ class JobQueueService:
     METHODS = ('addjob', 'listjobs', 'clearjobq', 'status', 'history', 'showjob', 'removejob', 'schedules',
                'pause', 'resume')
 
-    def __init__(self, queue, states, store, authorizer, settings, logger, runners_alive, scheduler=None,
-                 metrics=None):
+    def __init__(self, queue, states, store, admission, settings, logger, runners_alive, scheduler=None):
         self.scheduler = scheduler       # set once the schedules are read
-        self.metrics = metrics
+        self.admission = admission       # admission.Admission: what may be queued, and the log of it
         self._queue = queue
         self._states = states            # jobstates.JobStates: where each job is
         self._runners_alive = runners_alive
         self._store = store
-        self._authorizer = authorizer
         self._settings = settings
         self._logger = logger
-        self.refusals = RateLimited(logger)
-        self._full = False               # the queue was full at the last add (said once)
         self.stopping = None             # while the server stops: (deadline on the monotonic clock, its jobs)
 
     def reconfigure(self, settings, authorizer):
         """A reload: new limits and authorized tasks.  (Only ``METHODS`` are served.)"""
         self._settings = settings
-        self._authorizer = authorizer
+        self.admission.authorizer = authorizer
         self._queue.max_bytes = settings.max_queue_bytes
 
     # ---- Bots
@@ -84,7 +74,10 @@ class JobQueueService:
         if self.stopping is not None:
             raise xmlrpc.client.Fault(1, 'the server is %s: the job is not added; send it again when a server '
                                          'runs' % self.stopping_text())
-        return self.add(task, priority)[0]
+        try:
+            return self.admission.add(task, priority)[0]
+        except QueueFull as exc:
+            raise xmlrpc.client.Fault(1, str(exc))
 
     def stopping_text(self):
         """'stopping, waits for job 3 for up to 42 s' (or '... no job runs'), while the server stops."""
@@ -93,53 +86,6 @@ class JobQueueService:
             return 'stopping, no job runs'
         return 'stopping, waits for job%s %s for up to %d s' % ('s' if len(jobs) > 1 else '', ', '.join(map(str, jobs)),
                                                               max(0, deadline - time.monotonic()))
-
-    def add(self, task, priority, schedule=None):
-        """Queue a checked task; ``(code, jobnumber)`` (jobnumber None when nothing was queued).
-        ``schedule``: the name of the schedule that fired it, for the log and the history."""
-        origin = '' if schedule is None else ' (schedule [%s])' % schedule
-        if not task:
-            self._logger.info('No task to add%s.', origin)
-            self._count('no task')
-            return codes.NO_TASK, None
-        if not self._authorizer.allows(task):
-            client = CLIENT.get()
-            self.refusals.log(logging.WARNING, 'not authorized', client, 'Refused job%s from %s, not an authorized '
-                              'task: %s', origin, client, shortened(task))
-            self._count('not authorized')
-            return codes.NOT_AUTHORIZED, None
-        try:
-            code, jobnumber, previous = self._queue.add(task, priority)
-        except jobqueue.QueueFull:
-            self._count('queue full')
-            if not self._full:
-                self._full = True
-                self._logger.error('The queue is full: its waiting jobs take %d bytes of tasks ([jobqueue] '
-                                   'max_queue_bytes = %d); new jobs are refused until jobs have left it.',
-                                   self._queue.size(), self._queue.max_bytes)
-            raise xmlrpc.client.Fault(1, 'the queue is full ([jobqueue] max_queue_bytes = %d); the job is not '
-                                         'stored, try again later' % self._queue.max_bytes)
-        if self._full:
-            self._full = False
-            self._logger.log(25, 'The queue takes new jobs again.')
-        self._count('duplicate' if code == codes.DUPLICATE else None)
-        if code == codes.DUPLICATE:
-            self._logger.info('Duplicate job%s not added: %s', origin, task)
-        elif previous is not None:
-            self._logger.info('Priority of waiting job %s changed from %s to %s%s: %s',
-                              jobnumber, previous, priority, origin, task)
-        else:
-            if schedule is not None:
-                patiently(self._store.set_scheduled, jobnumber, schedule, patience=30)   # the scheduler's thread
-            self._logger.info('Added job %s, priority %s%s: %s', jobnumber, priority, origin, task)
-        return code, jobnumber
-
-    def _count(self, refusal):
-        if self.metrics is not None:
-            if refusal is None:
-                self.metrics.added.inc()
-            else:
-                self.metrics.answered.labels(refusal).inc()
 
     def pause(self):
         """Start no new job until ``resume``; running jobs finish, addjob goes on.  Survives a restart."""
@@ -162,8 +108,9 @@ class JobQueueService:
         """The state ``/health`` and ``/metrics`` tell (not an XML-RPC method)."""
         oldest = self._store.oldest_waiting()
         last = self._store.history(1, with_output=False)
-        state = {'accepting': self.stopping is None, 'paused': self._queue.paused, 'running': len(self._states.running()),
-                 'waiting': len(self._queue), 'runners_alive': self._runners_alive(),
+        state = {'accepting': self.stopping is None, 'paused': self._queue.paused,
+                 'running': len(self._states.running()), 'waiting': len(self._queue),
+                 'runners_alive': self._runners_alive(),
                  'oldest_waiting_age': max(0.0, time.time() - oldest) if oldest and len(self._queue) else None,
                  'last_finished': None}
         if last:
@@ -256,12 +203,6 @@ class JobQueueService:
             return 1
         self._logger.log(25, 'Removed waiting job %s: %s', jobnumber, list(job.task))
         return 0
-
-
-def shortened(task, size=500):
-    """A task as the log shows it: its start, when it is long."""
-    text = repr(list(task))
-    return text if len(text) <= size else '%s... (%d characters)' % (text[:size], len(text))
 
 
 def bounded(items, size, budget=ANSWER_BUDGET):

@@ -165,7 +165,8 @@ class DirMonitor:
                 self.logger.error('[%s] cannot watch %s: %s', watch.section, watch.path, exc)
                 return
             self.logger.log(botslog.STARTINFO, '[%s] watching %s (%s%s) for route "%s".', watch.section,
-                            watch.pattern or watch.path, watch.filemask, ', recursive' if watch.recursive else '', watch.route)
+                            watch.pattern or watch.path, watch.filemask, ', recursive' if watch.recursive else '',
+                            watch.route)
             if process_existing and watch.process_existing and watch.existing_files():
                 self.logger.info('[%s] files are waiting in %s.', watch.section, watch.path)
                 self._dirty(state)
