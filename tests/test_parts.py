@@ -20,7 +20,7 @@ from bots.botsjobqueue.report import Reporter
 from bots.botsjobqueue.store import Store
 from bots.botsjobqueue.timers import Timers
 
-from conftest import wait_until
+from conftest import free_port, wait_until
 
 LOGGER = logging.getLogger('test-parts')
 
@@ -224,12 +224,13 @@ def test_a_body_is_framed_by_a_plain_content_length_only():
 
 
 def test_the_browser_rules_keep_other_sites_out():
-    rules = httphead.BrowserRules('127.0.0.1', 28082)
-    rules.check('POST', {'host': '127.0.0.1:28082', 'content-type': 'text/xml'})
-    rules.check('GET', {'host': 'localhost:28082', 'origin': 'http://localhost:28082'})
+    port = free_port()
+    rules = httphead.BrowserRules('127.0.0.1', port)
+    rules.check('POST', {'host': '127.0.0.1:%d' % port, 'content-type': 'text/xml'})
+    rules.check('GET', {'host': 'localhost:%d' % port, 'origin': 'http://localhost:%d' % port})
     for method, headers, code in (
-            ('POST', {'host': 'evil.example:28082', 'content-type': 'text/xml'}, 403),
-            ('POST', {'host': '127.0.0.1:28083', 'content-type': 'text/xml'}, 403),
+            ('POST', {'host': 'evil.example:%d' % port, 'content-type': 'text/xml'}, 403),
+            ('POST', {'host': '127.0.0.1:%d' % (port + 1), 'content-type': 'text/xml'}, 403),
             ('POST', {'content-type': 'text/plain'}, 415),
             ('POST', {'content-type': 'text/xml', 'origin': 'http://evil.example'}, 403),
             ('POST', {'content-type': 'text/xml', 'sec-fetch-site': 'cross-site'}, 403)):
