@@ -5,6 +5,8 @@ numbers); the engine's exit codes are those of ``bots-engine`` that the
 queue acts on.
 """
 
+DEFAULT_PORT = 28082   # Bots' port of the job queue server, when bots.ini names none
+
 # What addjob answers, and what bots-job2queue exits with.
 ADDED = 0            # added, or the priority of a waiting duplicate changed
 UNREACHABLE = 1      # the client could not reach the server (or it refused the request)

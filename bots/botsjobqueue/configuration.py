@@ -38,7 +38,7 @@ import functools
 import os
 import sys
 
-from . import BOTS_VERSIONS, __version__
+from . import BOTS_VERSIONS, __version__, codes
 from .botsinstall import (
     BUNDLED_CONFIG, ENGINE_NAMES, bots_dir, bots_generation, bots4_configdir,
     read_settings, is_bots4_settings, settings_time_zone, apply_time_zone, bots4_beside,
@@ -255,7 +255,7 @@ class Environment:
 
     @property
     def port(self):
-        return self.ini.getint('jobqueue', 'port', 28082)
+        return self.ini.getint('jobqueue', 'port', codes.DEFAULT_PORT)
 
     @property
     def client_timeout(self):

@@ -58,9 +58,9 @@ class Recorder:
         """Log how each job ended (once), and let go of what the server held for it - after the
         next job has started, so that it is no part of the gap between two jobs."""
         for end in ends:
-            end.capture.job_ended()
             if not end.logged:
                 end.logged = True
+                end.capture.job_ended()
                 exitcode = end.exitcode
                 if end.stopped:
                     self.logger.warning('Stopped job %s at the shutdown after %s (exit code %s); it is kept and '

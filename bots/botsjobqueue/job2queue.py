@@ -66,10 +66,10 @@ def _configured_port():
     ini = getattr(botsglobal, 'ini', None)
     if ini is not None:
         try:
-            return ini.getint('jobqueue', 'port', 28082)
+            return ini.getint('jobqueue', 'port', codes.DEFAULT_PORT)
         except Exception:          # a foreign ini object: fall back to the documented default
             pass
-    return 28082
+    return codes.DEFAULT_PORT
 
 
 def parse_args(argv, name='bots-job2queue'):

@@ -125,13 +125,16 @@ class KeptBefore(Capture):
 
 
 class FileComing(Capture):
-    """An output of a job from before a restart whose keeper is not known: the file comes."""
+    """An output of a job from before a restart whose keeper is not known: the file comes, or
+    not at all when that keeper died too, so it is waited for ``PATIENCE`` seconds at most."""
+
+    PATIENCE = 5
 
     def done(self):
         return os.path.exists(self.path)
 
     def wait(self, timeout):
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + min(timeout, self.PATIENCE)
         while not self.done() and time.monotonic() < deadline:
             time.sleep(0.05)
         return self.done()

@@ -238,11 +238,9 @@ class NoLocks:
 def run_locks(directory, runners):
     """The lock files of this platform: ``RunLocks`` where there is ``flock``, else ``NoLocks``."""
     try:
-        import fcntl
-    except ImportError:
+        return RunLocks(directory, runners)
+    except ImportError:       # no fcntl: RunLocks imports it first of all
         return NoLocks()
-    del fcntl                 # RunLocks imports it itself
-    return RunLocks(directory, runners)
 
 
 class Child:

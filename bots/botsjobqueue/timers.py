@@ -29,11 +29,6 @@ class Timer(list):
 
     __slots__ = ()
 
-    @property
-    def due(self):
-        """When it fires, on the monotonic clock."""
-        return self[0]
-
     def cancel(self):
         self[4] = False
 
