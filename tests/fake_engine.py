@@ -8,7 +8,9 @@ when it starts and one when it ends (argv, pid, times), and behaves as its argum
 sleep), ``--bytes=HEX`` writes the bytes HEX spells, ``--kill-once=F:PID:MS`` kills
 process PID with SIGKILL MS milliseconds after this run ends (only when file F
 does not exist yet; it is created), ``--exit-file=F`` reads the exit
-code from file F (so a test can change it between runs).
+code from file F (so a test can change it between runs), ``--lock=F`` holds an exclusive
+lock on file F while it runs: should another run hold it already - two engines at once - the
+overlap is written to F.overlaps, and this run waits for the lock.
 """
 import json
 import os
@@ -31,6 +33,21 @@ def write_output(size):
     sys.stdout.flush()
 
 
+def hold_lock(path, argv):
+    import fcntl
+    handle = open(path, 'a')
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with open(path + '.overlaps', 'a') as overlaps:
+            overlaps.write(json.dumps({'argv': argv, 'pid': os.getpid(), 'time': time.time()}) + '\n')
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    LOCKS.append(handle)       # held until the process ends
+
+
+LOCKS = []
+
+
 def main(argv):
     record = os.environ.get('FAKE_ENGINE_RECORD')
     started = time.time()
@@ -48,6 +65,8 @@ def main(argv):
             kill_once = arg[12:].rsplit(':', 2)
         elif arg.startswith('--bytes='):
             raw = bytes.fromhex(arg[8:])
+        elif arg.startswith('--lock='):
+            hold_lock(arg[7:], argv)
         elif arg.startswith('--exit-file='):
             with open(arg[12:]) as handle:
                 exitcode = int(handle.read().strip() or 0)

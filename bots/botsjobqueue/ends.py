@@ -32,6 +32,7 @@ class Ended:
         self.level = None              # of its 'Finished' line, when not the one of its exit code
         self.attempt = None            # its stored attempt, when it was queued again (exit code 3)
         self.stopped = False           # stopped by the shutdown: kept for the next start
+        self.fenced = running.process.fenced     # ended by the fence (fence.py): runs at the next leader
 
     def as_dict(self):
         record = {'state': self.state, 'jobnumber': self.job.jobnumber, 'priority': self.job.priority,
@@ -62,6 +63,11 @@ class Recorder:
                 end.logged = True
                 end.capture.job_ended()
                 exitcode = end.exitcode
+                if end.stopped and end.fenced:
+                    self.logger.warning('Ended job %s after %s (exit code %s): the lease of this server ran out; '
+                                        'it runs again at the next leader.', end.job.jobnumber,
+                                        elapsed(end.ended - end.started), exitcode)
+                    continue
                 if end.stopped:
                     self.logger.warning('Stopped job %s at the shutdown after %s (exit code %s); it is kept and '
                                         'runs again at the next start.', end.job.jobnumber,

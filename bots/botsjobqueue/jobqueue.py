@@ -16,7 +16,7 @@ import threading
 import time
 
 from .codes import ADDED, DUPLICATE
-from .store import StoreBusy, patiently
+from .store import Gone, StoreBusy, patiently
 from .timers import Timers
 
 
@@ -66,6 +66,8 @@ class JobQueue:
         self._delayed = {}       # jobnumber -> (Job, timers.Timer, when it waits again as wall time)
         self._by_task = {}       # task -> Job, waiting or delayed
         self.paused = False      # set by an operator: take() hands out nothing, add() goes on
+        self.leading = True      # a shared store's standby hands out nothing either (cluster.py)
+        self._shared = getattr(store, 'shared', False)     # the store decides what is queued (dbstore.py)
         self._closed = False
 
     # ---- start-up
@@ -96,6 +98,8 @@ class JobQueue:
         previous priority of a waiting duplicate whose priority changed (else None).  Raises
         QueueFull when its task would pass ``max_bytes``."""
         task = canonical_task(task)
+        if self._shared:
+            return self._add_shared(task, priority)
         with self._lock:
             job = self._by_task.get(task)
             if job is not None:
@@ -119,6 +123,59 @@ class JobQueue:
             heapq.heappush(self._heap, (priority, jobnumber))
             self._changed.notify()
             return ADDED, jobnumber, None
+
+    def _add_shared(self, task, priority):
+        """``add`` where the database decides, for every server of the environment at once."""
+        with self._lock:
+            if task not in self._by_task and self.max_bytes is not None and \
+                    self._bytes + task_size(task) > self.max_bytes:
+                raise QueueFull()
+            added, jobnumber, previous = self._store.admit(priority, list(task))
+            if not added:
+                return DUPLICATE, jobnumber, None
+            self._forget(jobnumber)
+            other = self._by_task.get(task)
+            if other is not None:           # a copy this server had not yet seen go
+                self._forget(other.jobnumber)
+            self._insert(Job(jobnumber, priority, task))
+            return ADDED, jobnumber, previous
+
+    def follow(self, changes, rows, own):
+        """Apply the changes other servers made to a shared store (``cluster.Follower``): each job
+        named is taken as its row is now (``rows``; gone when absent)."""
+        with self._lock:
+            for jobnumber, kind, origin in changes:
+                if origin == own:
+                    continue               # done here already
+                if kind == 'clear':
+                    for number in [n for n in list(self._waiting) + list(self._delayed) if n <= jobnumber]:
+                        self._forget(number)
+                elif kind != 'pause':
+                    self._forget(jobnumber)
+                    row = rows.get(jobnumber)
+                    if row is not None and row.state != 'running':
+                        job = Job(row.jobnumber, row.priority, canonical_task(row.task), row.requeued, row.locked)
+                        other = self._by_task.get(job.task)
+                        if other is not None:
+                            self._forget(other.jobnumber)
+                        self._insert(job, row.not_before if row.state == 'delayed' else None)
+            self._compact_if_stale()
+
+    def reload(self, stored):
+        """Replace the whole queue by the waiting jobs of ``stored`` (a shared store read afresh)."""
+        with self._lock:
+            for number in list(self._waiting) + list(self._delayed):
+                self._forget(number)
+            for row in stored:
+                if row.state != 'running':
+                    self._insert(Job(row.jobnumber, row.priority, canonical_task(row.task), row.requeued, row.locked),
+                                 row.not_before if row.state == 'delayed' else None)
+
+    def lead(self, leading):
+        """A shared store's leader hands out jobs (True); a standby does not (False)."""
+        with self._lock:
+            self.leading = leading
+            self._changed.notify_all()
 
     def waiting(self):
         """The waiting jobs in launch order (delayed ones last, by job number)."""
@@ -154,7 +211,10 @@ class JobQueue:
         """Remove every waiting job; return how many were removed."""
         with self._lock:
             count = len(self._by_task)
-            self._store.remove_waiting()
+            if self._shared:
+                count = self._store.clear()[0]
+            else:
+                self._store.remove_waiting()
             for _, timer, _ in self._delayed.values():
                 timer.cancel()
             self._heap.clear()
@@ -167,6 +227,12 @@ class JobQueue:
     def remove(self, jobnumber):
         """Remove one waiting job; return it, or None when no such job waits."""
         with self._lock:
+            if self._shared:
+                found = self._store.drop(jobnumber)
+                job = self._forget(jobnumber)
+                if found is None:
+                    return None
+                return job or Job(jobnumber, found[0], canonical_task(found[1]))
             job = self._waiting.pop(jobnumber, None)
             if job is None and jobnumber in self._delayed:
                 job, timer, _ = self._delayed.pop(jobnumber)
@@ -201,11 +267,14 @@ class JobQueue:
         """
         with self._lock:
             while True:
-                if not self._closed and not self.paused:
+                if not self._closed and not self.paused and self.leading:
                     job = self._pop()
                     if job is not None:
                         try:
                             self._store.set_running(job.jobnumber, done, runner)
+                        except Gone:
+                            done = None            # recorded all the same; the job went elsewhere
+                            continue
                         except BaseException:
                             # Not marked running: it is still the next job to take.
                             self._waiting[job.jobnumber] = job
@@ -258,6 +327,28 @@ class JobQueue:
             self._changed.notify_all()
 
     # ---- internals, called with the lock held
+    def _insert(self, job, not_before=None):
+        self._by_task[job.task] = job
+        self._bytes += task_size(job.task)
+        if not_before is not None and not_before > time.time():
+            self._delay(job, not_before - time.time())
+        else:
+            self._waiting[job.jobnumber] = job
+            heapq.heappush(self._heap, (job.priority, job.jobnumber))
+            self._changed.notify()
+
+    def _forget(self, jobnumber):
+        """Drop a job from the queue here (not from the store); the job, or None."""
+        job = self._waiting.pop(jobnumber, None)
+        if job is None and jobnumber in self._delayed:
+            job, timer, _ = self._delayed.pop(jobnumber)
+            timer.cancel()
+        if job is not None:
+            if self._by_task.get(job.task) is job:
+                del self._by_task[job.task]
+            self._bytes -= task_size(job.task)
+        return job
+
     def _is_live(self, entry):
         job = self._waiting.get(entry[1])
         return job is not None and job.priority == entry[0]

@@ -24,7 +24,7 @@ from .rpcservice import JobQueueService
 from .schedule import Scheduler, read_schedules
 from .signals import Signals
 from .statuspage import StatusPages
-from .store import DamagedStore, Store
+from .storechoice import open_store
 
 # Bots 4's own bots-job2queue (beside this server it is Bots', inside Bots ours replaces it) reads
 # this name from the server's module: the engine's bare name and where the PATH has it.
@@ -155,8 +155,46 @@ def shut_down(parts, signals):
             logger.log(botslog.STARTINFO, 'Still waiting for running job(s) %s; %d seconds left.',
                        ', '.join(map(str, running)), deadline - time.monotonic())
     launcher.stop_running()
+    if parts.cluster is not None:
+        parts.cluster.stop()
     parts.server.shutdown()
     parts.server.server_close()
+
+
+def join_cluster(environment, store, queue, launcher, scheduler, logger, rpc_settings, seq):
+    """A server of a shared store (cluster.py): follow the queue, stand by, lead when chosen."""
+    from .cluster import ClusterSettings, Follower, Leadership, address_of
+    from .fence import Fence
+    fence = Fence(logger)
+    launcher.fence = fence
+    leadership = Leadership(store, ClusterSettings(environment.ini), fence, logger,
+                            address_of(rpc_settings.host, rpc_settings.port))
+    follower = Follower(store, queue, logger, seq)
+    scheduler.may_fire = lambda: leadership.leading
+
+    def lead():
+        follower.catch_up()
+        for item in store.claim_running():
+            # Started by a server that led before: its fence ended it before our lease could begin.
+            if launcher.get(item.jobnumber) is None:
+                logger.warning('Job %s was running at the server that led before; queued again: %s',
+                               item.jobnumber, item.task)
+                queue.wait_again(Job(item.jobnumber, item.priority, canonical_task(item.task), item.requeued + 1,
+                                     item.locked))
+        queue.lead(True)
+        scheduler.catch_up()
+
+    leadership.on_lead.append(lead)
+    leadership.on_lose.append(lambda: queue.lead(False))
+
+    def stop():
+        follower.stop()
+        leadership.stop()
+        fence.close()
+
+    follower.start()
+    leadership.start()
+    return types.SimpleNamespace(leadership=leadership, follower=follower, fence=fence, stop=stop)
 
 
 def read_configuration(environment):
@@ -201,15 +239,21 @@ def serve(environment, signals):
     if authorizer.allow_all:
         logger.warning('authorized_tasks = *: any local user can run any program through the job queue.')
     reporter = Reporter(checked.sendreportiferror, read_mail_settings(environment.configdir), logger)
-    try:
-        store = Store(os.path.join(environment.botssys, 'jobqueue.db'), checked.history)
-    except DamagedStore as exc:
-        logger.critical('%s', exc)
-        raise configuration.ConfigError(str(exc))
+    store = open_store(environment, checked.history, logger)
+    shared = getattr(store, 'shared', False)
     queue = JobQueue(store, rpc_settings.max_queue_bytes)
     launcher = Launcher(queue, store, authorizer, launch_settings, logger, reporter)
-    count = restore_queue(store, queue, launcher, logger)
-    recovered = launcher.recover_outputs()
+    if shared:
+        logger.log(botslog.STARTINFO, 'Bots jobqueue keeps its queue in the database %s, shared with the other '
+                   'servers of this environment; it stands by until it leads.', store.url)
+        stored, seq = store.load()
+        queue.lead(False)
+        queue.reload(stored)
+        count = len(queue)
+        recovered = []
+    else:
+        count = restore_queue(store, queue, launcher, logger)
+        recovered = launcher.recover_outputs()
     if recovered:
         logger.warning('Job(s) %s ended just before the server stopped; recorded as finished, their output '
                        'kept now.', ', '.join(map(str, recovered)))
@@ -236,7 +280,10 @@ def serve(environment, signals):
                    next_schedule_text(scheduler))
     # What a reload changes, and what the shutdown stops.
     parts = types.SimpleNamespace(environment=environment, server=server, service=service, launcher=launcher,
-                                  scheduler=scheduler, logger=logger)
+                                  scheduler=scheduler, logger=logger, cluster=None)
+    if shared:
+        parts.cluster = join_cluster(environment, store, queue, launcher, scheduler, logger, rpc_settings, seq)
+        service.leadership = parts.cluster.leadership
     launcher.start()
     scheduler.start()
     threading.Thread(target=server.serve_forever, name='rpc', daemon=True).start()

@@ -30,6 +30,7 @@ import time
 
 from . import codes
 from .ends import Ended, Recorder
+from .fence import LeaseLost
 from .jobqueue import Job, canonical_task
 from .outputs import LIVE, Outputs, read_tail
 from .processes import KILL, Child, Orphan, is_alive, process_start_time, run_locks, signal_group
@@ -127,6 +128,7 @@ class Launcher:
         self.outputs = Outputs(settings.outputdir, settings.output_limit, logger)
         self.recorder = Recorder(store, logger, reporter, self.locks, self._recorded)
         self.runners = [Runner(self, number) for number in range(1, settings.nr_threads + 1)]
+        self.fence = None              # a shared store's leader starts its jobs through its fence (fence.py)
 
     # ---- life cycle
     def start(self):
@@ -239,9 +241,14 @@ class Launcher:
             if TRACE:
                 TRACE('captured', job.jobnumber)
             try:
-                popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=write_end, stderr=write_end,
-                                         close_fds=True, pass_fds=() if lock is None else (lock,),
-                                         start_new_session=True)
+                process = self._spawn(command, write_end, lock, job.jobnumber)
+            except LeaseLost:
+                self.locks.remove(job.jobnumber)
+                capture.job_ended()
+                self.logger.warning('Job %s did not start: this server no longer leads; it waits for the next '
+                                    'leader.', job.jobnumber)
+                self.queue.wait_again(job)
+                return None
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
                 self.locks.remove(job.jobnumber)
                 capture.job_ended()
@@ -255,17 +262,25 @@ class Launcher:
             for fd in (write_end, lock):
                 if fd is not None:
                     os.close(fd)
-        running = RunningJob(job, Child(popen), started, capture, runner, command)
+        running = RunningJob(job, process, started, capture, runner, command)
         self._set(job.jobnumber, running)
         try:
-            patiently(self.store.set_process, job.jobnumber, popen.pid, process_start_time(popen.pid),
+            patiently(self.store.set_process, job.jobnumber, process.pid, process_start_time(process.pid),
                       capture.relay_pid, path, patience=30)
         except (sqlite3.Error, OSError, StoreBusy) as exc:
             # The job is supervised all the same; after a crash its lock file tells that it runs.
             self.logger.error('Job %s (pid %s) runs, but its pid could not be stored: %s',
-                              job.jobnumber, popen.pid, exc)
+                              job.jobnumber, process.pid, exc)
         self._arm_maxruntime(running, settings.maxruntime * 60)
         return running
+
+    def _spawn(self, command, output, lock, jobnumber):
+        """Start the job's process: here (a Child), or by the fence (a FencedChild; LeaseLost)."""
+        if self.fence is not None:
+            return self.fence.spawn(command, output, lock, jobnumber)
+        return Child(subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                                      close_fds=True, pass_fds=() if lock is None else (lock,),
+                                      start_new_session=True))
 
     def still_runs(self, stored):
         """True when a job stored as running (before a restart) still runs."""
@@ -343,7 +358,17 @@ class Launcher:
         """
         job = running.job
         end = Ended(running, exitcode)
-        if running.stopped_by_shutdown or (self._stopping and exitcode in SHUTDOWN_EXITCODES):
+        if running.process.fenced:
+            # Ended by the fence as this server's lease ran out: it runs again, at the next leader.
+            end.stopped = True
+            self.recorder.log_ends([end])
+            job.requeued += 1
+            try:
+                self.queue.wait_again(job)
+            except (OSError, StoreBusy) as exc:      # the next leader queues it again from its row
+                self.logger.error('Job %s could not be queued again here (%s); the next leader does it.',
+                                  job.jobnumber, exc)
+        elif running.stopped_by_shutdown or (self._stopping and exitcode in SHUTDOWN_EXITCODES):
             end.stopped = True
             self.recorder.log_ends([end])
             job.requeued += 1

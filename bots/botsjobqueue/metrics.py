@@ -59,11 +59,17 @@ class StateCollector(Collector):
                                  'Age of the job that has waited longest (0 when none waits).'),
                                 ('botsjobqueue_paused', 'paused', '1 while the queue is paused.')):
             yield GaugeMetricFamily(name, text, value=float(state.get(key) or 0))
+        if 'role' in state:
+            yield GaugeMetricFamily('botsjobqueue_leader', '1 while this server leads (a shared store), 0 while it '
+                                    'stands by.', value=float(state['role'] == 'leader'))
 
 
-def health_answer(state):
+def health_answer(state, leader_only=False):
     """``(HTTP status, body)`` of ``GET /health``: 200 while the server accepts jobs and its
-    runners live (paused included), else 503."""
+    runners live (paused included), else 503.  ``leader_only`` (``/health?leader``, a readiness
+    probe that routes to the leader of a shared store): 503 on a standby too."""
     healthy = state['accepting'] and state['runners_alive']
+    if leader_only and state.get('role', 'leader') != 'leader':
+        return 503, json.dumps(dict(state, healthy=healthy, time=time.time()), sort_keys=True).encode('utf-8')
     return (200 if healthy else 503), json.dumps(dict(state, healthy=healthy, time=time.time()),
                                                  sort_keys=True).encode('utf-8')

@@ -246,6 +246,8 @@ def run_locks(directory, runners):
 class Child:
     """A job started by this server: its exit code is known."""
 
+    fenced = False      # (a FencedChild, fence.py, may be)
+
     def __init__(self, popen):
         self.popen = popen
         self.pid = popen.pid
@@ -257,6 +259,8 @@ class Child:
 
 class Orphan:
     """A job started before a restart that still runs: not our child, so no exit code."""
+
+    fenced = False
 
     def __init__(self, stored, pid, locks):
         self.stored = stored

@@ -57,6 +57,7 @@ class JobQueueService:
         self._settings = settings
         self._logger = logger
         self.stopping = None             # while the server stops: (deadline on the monotonic clock, its jobs)
+        self.leadership = None           # a shared store's cluster.Leadership: who leads
 
     def reconfigure(self, settings, authorizer):
         """A reload: new limits and authorized tasks.  (Only ``METHODS`` are served.)"""
@@ -115,6 +116,9 @@ class JobQueueService:
                  'last_finished': None}
         if last:
             state['last_finished'] = {key: last[0].get(key) for key in ('jobnumber', 'exitcode', 'status', 'ended')}
+        if self.leadership is not None:
+            state['role'] = 'leader' if self.leadership.leading else 'standby'
+            state['server'] = self.leadership.store.name
         return state
 
     def listjobs(self, offset=0):
@@ -152,6 +156,9 @@ class JobQueueService:
             answer['next_schedule'] = {'schedule': upcoming[1], 'at': upcoming[0]}
         if self.stopping is not None:
             answer['stopping'] = self.stopping_text()
+        if self.leadership is not None:
+            answer['cluster'] = _xmlrpc_safe(self.leadership.status())
+            answer['cluster']['servers'] = [_xmlrpc_safe(server) for server in answer['cluster'].get('servers', [])]
         return answer
 
     def schedules(self):

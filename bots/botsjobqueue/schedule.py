@@ -174,6 +174,7 @@ class Scheduler:
         self._heap = []            # (time, name), may hold stale entries
         self._overrun = set()      # schedules whose overrun was logged since their last added job
         self.metrics = None        # observes the lateness of each firing, when the server has metrics
+        self.may_fire = None       # a shared store's standby fires nothing: a function saying whether we lead
         self._seen = clock()       # the wall clock at the last look, to notice a step back
         self.replace(schedules, starting=True)
 
@@ -225,6 +226,10 @@ class Scheduler:
                     self.logger.info('Schedule [%s]: its run of %s was missed while the server was down; '
                                      'skipped (catchup = none).', schedule.name, _when(missed))
         return schedule.next_after(now)
+
+    def catch_up(self):
+        """Work out every time again as at a start, firing what was missed (a new leader)."""
+        self.replace(dict(self.schedules), starting=True)
 
     # ---- the wake-ups
     def start(self):
@@ -280,6 +285,8 @@ class Scheduler:
         return heap[0] if heap else None
 
     def _fire(self, schedule, when):
+        if self.may_fire is not None and not self.may_fire():
+            return                     # the leader fires it (cluster.py)
         if when is not None and self.metrics is not None:
             self.metrics.lateness.observe(max(0.0, self.clock() - when))
         try:

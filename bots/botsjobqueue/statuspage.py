@@ -174,7 +174,7 @@ class StatusPages:
         return 200, TEXT, text.encode('utf-8', 'replace')
 
     def health(self, query):
-        code, body = health_answer(self.service.health())
+        code, body = health_answer(self.service.health(), leader_only='leader' in (query or ''))
         return code, JSON, body
 
     def exposition(self, query):

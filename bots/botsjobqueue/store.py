@@ -103,6 +103,11 @@ def patiently(call, *args, patience=600.0, pause=0.05):
             time.sleep(pause)
 
 
+class Gone(Exception):
+    """A job taken from the queue no longer waits in a shared store: another server removed it
+    (``dbstore.py``); whatever else the call was to store is stored."""
+
+
 class DamagedStore(Exception):
     """The database cannot be trusted; its text is one line for the operator."""
 

@@ -1,0 +1,248 @@
+"""The fence: a small process beside a server of a shared store, that starts its jobs and ends them
+when the server's lease runs out - whatever has become of the server.
+
+A leader that is frozen (SIGSTOP, a stalled virtual machine's process), or cut off from the
+database, cannot end its own job in time: its code does not run, or does not know.  So the
+leader does not start jobs itself.  It hands each start to its fence (``run``, with the job's
+output pipe and lock file), and after each renewal of the lease tells the fence until when the
+lease holds (``hold``, on the machine's monotonic clock, which both processes read and which
+goes on while the server is stopped).  The fence
+
+* starts a job only before that moment, so a server frozen between its last look at the lease
+  and the start cannot start a job late;
+* at that moment sends SIGTERM to the process group of each job it started, and SIGKILL
+  ``fence_grace`` seconds later - before the lease can expire in the database (see
+  ``cluster.py`` for the margins);
+* reports each job's end (``exit``, with whether it was fenced) to the server, which records
+  it as for a job it had started itself;
+* outlives a server that died (its jobs are still fenced at the same moment) and ends once it
+  has no job left.
+
+Messages are JSON over a Unix socket pair (SOCK_SEQPACKET: one message a packet), descriptors
+passed alongside (SCM_RIGHTS).  POSIX only: a shared store with a leader needs it.
+"""
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+KILL = signal.SIGKILL if hasattr(signal, 'SIGKILL') else signal.SIGTERM
+
+
+class LeaseLost(Exception):
+    """The fence refused a start: the lease does not hold long enough any more."""
+
+
+# ---- the fence process
+class FenceProcess:
+    """The fence's side (``python -m bots.botsjobqueue.fence FD``)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.term_at = 0.0          # monotonic: SIGTERM to every job from here on
+        self.kill_at = 0.0          # and SIGKILL
+        self.children = {}          # pid -> [jobnumber, popen, signals sent]
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self.server_gone = False
+
+    def send(self, message):
+        with self._send_lock:
+            try:
+                self.sock.send(json.dumps(message).encode())
+            except OSError:
+                self.server_gone = True
+
+    def serve(self):
+        while True:
+            with self._lock:
+                if self.server_gone and not self.children:
+                    return
+                self._fence(time.monotonic())
+                due = [moment for moment in (self.term_at, self.kill_at) if moment > time.monotonic()]
+                busy = bool(self.children)
+            timeout = (min(due) - time.monotonic()) if (due and busy) else (0.05 if busy else 1.0)
+            if self.server_gone:
+                time.sleep(max(0.01, min(timeout, 0.05)))
+                continue
+            readable, _, _ = select.select([self.sock], [], [], max(0.0, min(timeout, 1.0)))
+            if readable:
+                self._receive()
+
+    def _receive(self):
+        try:
+            data, fds, _, _ = socket.recv_fds(self.sock, 1 << 20, 4)
+        except OSError:
+            data, fds = b'', []
+        if not data:
+            self.server_gone = True
+            return
+        message = json.loads(data)
+        try:
+            if 'hold' in message:
+                with self._lock:
+                    self.term_at, self.kill_at = message['hold']
+            elif 'run' in message:
+                self._run(message, fds)
+            elif 'quit' in message:
+                self.server_gone = True
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _run(self, message, fds):
+        jobnumber = message['job']
+        with self._lock:
+            if time.monotonic() >= self.term_at:
+                self.send({'refused': jobnumber})
+                return
+            try:
+                popen = subprocess.Popen(message['run'], stdin=subprocess.DEVNULL, stdout=fds[0], stderr=fds[0],
+                                         close_fds=True, pass_fds=tuple(fds[1:]), start_new_session=True)
+            except (OSError, ValueError, subprocess.SubprocessError) as exc:
+                self.send({'failed': jobnumber, 'error': str(exc)})
+                return
+            self.children[popen.pid] = [jobnumber, popen, 0]
+        self.send({'started': jobnumber, 'pid': popen.pid})
+        threading.Thread(target=self._wait, args=(popen,), daemon=True).start()
+
+    def _wait(self, popen):
+        code = popen.wait()
+        with self._lock:
+            jobnumber, _, sent = self.children.pop(popen.pid)
+        self.send({'exit': jobnumber, 'code': code, 'fenced': bool(sent)})
+
+    def _fence(self, now):
+        """(With the lock held.)  End every job once the lease is past its time."""
+        for pid, child in self.children.items():
+            if now >= self.kill_at and child[2] < 2:
+                _signal_group(pid, KILL)
+                child[2] = 2
+            elif now >= self.term_at and child[2] < 1:
+                _signal_group(pid, signal.SIGTERM)
+                child[2] = 1
+
+
+def _signal_group(pid, signum):
+    try:
+        os.killpg(pid, signum)
+    except OSError:
+        pass
+
+
+def main():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)       # the server decides when its jobs stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    FenceProcess(sock).serve()
+
+
+# ---- the server's side
+class FencedChild:
+    """A job started by the fence: its pid, and its exit code once the fence reports it."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.code = None
+        self.fenced = False
+        self._ended = threading.Event()
+
+    def wait(self):
+        self._ended.wait()
+        return self.code
+
+    def ended(self, code, fenced):
+        self.code = code
+        self.fenced = fenced
+        self._ended.set()
+
+
+class Fence:
+    """The server's handle on its fence process."""
+
+    def __init__(self, logger):
+        self.logger = logger
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.process = subprocess.Popen([sys.executable, '-m', 'bots.botsjobqueue.fence', str(theirs.fileno())],
+                                        pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+        theirs.close()
+        self.sock = ours
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._answers = {}          # jobnumber -> [Event, answer]
+        self._children = {}         # jobnumber -> FencedChild
+        threading.Thread(target=self._read, name='fence', daemon=True).start()
+
+    def _send(self, message, fds=()):
+        with self._send_lock:
+            socket.send_fds(self.sock, [json.dumps(message).encode()], list(fds))
+
+    def hold(self, term_at, kill_at):
+        """The lease holds: jobs may run until ``term_at`` (monotonic), SIGKILL at ``kill_at``."""
+        self._send({'hold': [term_at, kill_at]})
+
+    def spawn(self, command, output, lock, jobnumber):
+        """Start a job through the fence; its FencedChild.  LeaseLost when refused."""
+        waiter = [threading.Event(), None]
+        with self._lock:
+            self._answers[jobnumber] = waiter
+        self._send({'run': list(command), 'job': jobnumber}, [output] + ([lock] if lock is not None else []))
+        if not waiter[0].wait(30):
+            raise OSError('the fence does not answer')
+        answer = waiter[1]
+        if 'refused' in answer:
+            raise LeaseLost()
+        if 'failed' in answer:
+            raise OSError(answer['error'])
+        return self._children[jobnumber]
+
+    def _read(self):
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except OSError:
+                data = b''
+            if not data:
+                break
+            message = json.loads(data)
+            if 'exit' in message:
+                child = self._children.pop(message['exit'], None)
+                if child is not None:
+                    child.ended(message['code'], message['fenced'])
+                continue
+            jobnumber = message.get('started', message.get('refused', message.get('failed')))
+            with self._lock:
+                waiter = self._answers.pop(jobnumber, None)
+            if 'started' in message:
+                self._children[jobnumber] = FencedChild(message['pid'])
+            if waiter is not None:
+                waiter[1] = message
+                waiter[0].set()
+        # The fence is gone (it never ends while it has jobs and we live): no end will be told.
+        for child in list(self._children.values()):
+            child.ended(None, True)
+        with self._lock:
+            for waiter in self._answers.values():
+                waiter[1] = {'failed': None, 'error': 'the fence ended'}
+                waiter[0].set()
+
+    def close(self):
+        """The server stops (its jobs are stopped already): the fence ends."""
+        try:
+            self._send({'quit': True})
+        except OSError:
+            pass
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,382 @@
+"""More than one server on one database (SPEC 11), against a real PostgreSQL and a real MariaDB.
+
+Every server here is a real bots-jobqueueserver with an environment of its own (as on a machine
+of its own) and the same ``[jobqueue] store``.  The engine is the fake one, holding an exclusive
+lock on one shared file while it runs: two engines at once leave a line in ``engine.lock.overlaps``.
+Faults are made for real - kill -9, SIGSTOP, the database ending the session, a TCP proxy that
+stops passing the leader's traffic - each in a loop, with its counts printed.
+"""
+import itertools
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.request
+import xmlrpc.client
+
+import pytest
+
+from conftest import FAKE_ENGINE, Environment, wait_until
+from databases import MariaDB, PostgreSQL
+
+TTL = 4            # lease_ttl of these servers: faults are over in seconds
+MARGIN = 1
+
+
+@pytest.fixture(scope='session')
+def postgres(tmp_path_factory):
+    database = PostgreSQL(str(tmp_path_factory.mktemp('postgresql'))).start()
+    yield database
+    database.stop()
+
+
+@pytest.fixture(scope='session')
+def mariadb(tmp_path_factory):
+    database = MariaDB(str(tmp_path_factory.mktemp('mariadb'))).start()
+    yield database
+    database.stop()
+
+
+_numbers = itertools.count(1)
+
+
+@pytest.fixture(params=['postgresql', 'mysql'])
+def database(request):
+    """A database server, and a fresh database on it for this test: ``(server, url)``."""
+    server = request.getfixturevalue('postgres' if request.param == 'postgresql' else 'mariadb')
+    name = 'queue%d' % next(_numbers)
+    if server.kind == 'postgresql':
+        server.sql('CREATE DATABASE %s' % name, database='postgres')
+    else:
+        server.sql('CREATE DATABASE %s CHARACTER SET utf8mb4' % name)
+    return server, server.url.rsplit('/', 1)[0] + '/' + name
+
+
+class Proxy:
+    """A TCP proxy to the database that the test controls: ``cut()`` stops passing bytes either
+    way (the connections stay open, as across a broken network), ``mend()`` passes them again."""
+
+    def __init__(self, port):
+        self.target = port
+        self.listener = socket.socket()
+        self.listener.bind(('127.0.0.1', 0))
+        self.listener.listen(50)
+        self.port = self.listener.getsockname()[1]
+        self.passing = threading.Event()
+        self.passing.set()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(('127.0.0.1', self.target))
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+
+    def _pump(self, client, upstream):
+        sockets = [client, upstream]
+        try:
+            while not self.closed:
+                readable, _, _ = select.select(sockets, [], [], 0.2)
+                for sock in readable:
+                    self.passing.wait()
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    (upstream if sock is client else client).sendall(data)
+        except OSError:
+            pass
+        finally:
+            client.close()
+            upstream.close()
+
+    def cut(self):
+        self.passing.clear()
+
+    def mend(self):
+        self.passing.set()
+
+    def close(self):
+        self.closed = True
+        self.passing.set()
+        self.listener.close()
+
+
+class Cluster:
+    """``count`` servers on one store, each in an environment of its own."""
+
+    def __init__(self, root, url, count, urls=None):
+        self.root = str(root)
+        self.record = os.path.join(self.root, 'runs.jsonl')
+        self.lockfile = os.path.join(self.root, 'engine.lock')
+        self.servers = []
+        for number in range(count):
+            env = Environment(os.path.join(self.root, 'machine%d' % number))
+            env.record = self.record
+            env.write_ini(jobqueue='store = %s\nlease_ttl = %s\nlease_margin = %s\nfence_grace = 1\nmaxruntime = 10'
+                          % ((urls or {}).get(number, url), TTL, MARGIN))
+            self.servers.append(env)
+
+    def start(self, number):
+        self.servers[number].start_server()
+        return self.servers[number]
+
+    def health(self, number):
+        env = self.servers[number]
+        if env.server is None or env.server.poll() is not None:
+            return None
+        try:
+            with urllib.request.urlopen('http://127.0.0.1:%d/health' % env.port, timeout=2) as answer:
+                return json.load(answer)
+        except OSError as exc:
+            body = getattr(exc, 'read', None)
+            return json.load(exc) if body else None
+
+    def leaders(self, among=None):
+        found = []
+        for number in (range(len(self.servers)) if among is None else among):
+            state = self.health(number)
+            if state and state.get('role') == 'leader':
+                found.append(number)
+        return found
+
+    def leader(self, among=None, timeout=30):
+        """The number of the one server that leads (waits for there to be exactly one)."""
+        return wait_until(lambda: (lambda found: found[0] + 1 if len(found) == 1 else None)(self.leaders(among)),
+                          timeout=timeout, interval=0.1, message='one leader') - 1
+
+    def engine(self, *args):
+        return [sys.executable, FAKE_ENGINE, '--lock=' + self.lockfile] + list(args)
+
+    def add(self, number, task, priority=5):
+        return self.servers[number].proxy().addjob(task, priority)
+
+    def runs(self, event):
+        return self.servers[0].runs(event)
+
+    def overlaps(self):
+        try:
+            with open(self.lockfile + '.overlaps') as handle:
+                return [json.loads(line) for line in handle]
+        except FileNotFoundError:
+            return []
+
+    def stop(self):
+        for env in self.servers:
+            if env.server is not None and env.server.poll() is None:
+                try:
+                    env.server.send_signal(signal.SIGCONT)
+                except OSError:
+                    pass
+                env.stop_server(timeout=30)
+        for entry in self.runs('start'):
+            try:
+                os.killpg(entry['pid'], signal.SIGKILL)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def cluster_of(tmp_path):
+    made = []
+
+    def make(url, count, urls=None):
+        made.append(Cluster(tmp_path, url, count, urls))
+        return made[-1]
+    yield make
+    for cluster in made:
+        cluster.stop()
+
+
+def tag_of(entry):
+    return [arg for arg in entry['argv'] if arg.startswith('--tag=')][0][6:]
+
+
+@pytest.mark.timeout(240)
+def test_three_servers_one_queue(database, cluster_of):
+    """Adds at every server, the duplicate rule across them, job numbers unique and increasing,
+    one leader that runs every job once, one at a time."""
+    _, url = database
+    cluster = cluster_of(url, 3)
+    for number in range(3):
+        cluster.start(number)
+    leader = cluster.leader()
+    assert cluster.leaders() == [leader]
+    standby = [number for number in range(3) if number != leader]
+    assert cluster.servers[standby[0]].proxy().pause() == 0
+    wait_until(lambda: all(cluster.health(number)['paused'] for number in range(3)), message='paused everywhere')
+    # The same task at every server: queued once for the environment.
+    duplicate = cluster.engine('--tag=dup')
+    assert [cluster.add(number, duplicate) for number in range(3)] == [0, 4, 4]
+    # Adds at every server in turn, and from threads at all of them at once.
+    tasks = [cluster.engine('--tag=t%d' % number) for number in range(30)]
+    for number, task in enumerate(tasks[:15]):
+        assert cluster.add(number % 3, task) == 0
+    answers = []
+    threads = [threading.Thread(target=lambda n, t: answers.append(cluster.add(n, t)), args=(number % 3, task))
+               for number, task in enumerate(tasks[15:])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == [0] * 15
+    # Every server sees the same queue; the numbers of the adds made in turn grow in their order.
+    expected = 31
+    for env in cluster.servers:
+        wait_until(lambda: len(env.proxy().listjobs()) == expected, message='every job at every server')
+    listed = [job[1] for job in cluster.servers[0].proxy().listjobs()]
+    assert len(set(listed)) == expected
+    tags = {job[1]: job[2][-1] for job in cluster.servers[standby[1]].proxy().listjobs()}
+    in_turn = [number for number, tag in sorted(tags.items()) if tag in ['--tag=t%d' % n for n in range(15)]]
+    assert [tags[number] for number in in_turn] == ['--tag=t%d' % n for n in range(15)]
+    assert cluster.runs('start') == []          # paused, at every server
+    assert cluster.servers[standby[1]].proxy().resume() == 0
+    wait_until(lambda: len(cluster.runs('end')) == expected, timeout=90, message='every job to run')
+    ran = [tag_of(entry) for entry in cluster.runs('end')]
+    assert sorted(ran) == sorted(['dup'] + ['t%d' % n for n in range(30)])
+    assert cluster.overlaps() == []
+    assert cluster.leaders() == [leader]
+    status = cluster.servers[standby[0]].proxy().status()
+    assert status['cluster']['role'] == 'standby'
+    assert status['cluster']['leader'] == cluster.servers[leader].proxy().status()['cluster']['server']
+    assert len(status['cluster']['servers']) == 3
+    history = cluster.servers[standby[0]].proxy().history(100)
+    assert sorted(record['jobnumber'] for record in history) == sorted(listed)
+
+
+def _fault_loop(cluster, fault, cycles, undo):
+    """Fault the leader ``cycles`` times while a job runs there; return the counts."""
+    acknowledged, takeovers = [], []
+    for cycle in range(cycles):
+        leader = cluster.leader()
+        long_tag = '%s-long-%d' % (fault, cycle)
+        assert cluster.add(leader, cluster.engine('--tag=' + long_tag, '--sleep=5')) == 0
+        acknowledged.append(long_tag)
+        wait_until(lambda: any(tag_of(entry) == long_tag for entry in cluster.runs('start')), timeout=30,
+                   message='the long job to start')
+        for number in range(3):
+            tag = '%s-%d-%d' % (fault, cycle, number)
+            assert cluster.add(number % len(cluster.servers), cluster.engine('--tag=' + tag, '--sleep=0.2')) == 0
+            acknowledged.append(tag)
+        faulted_at = time.time()
+        expect_takeover = fault(leader)
+        if expect_takeover:
+            started = wait_until(lambda: [entry['time'] for entry in cluster.runs('start')
+                                          if entry['time'] > faulted_at], timeout=TTL + MARGIN + 20,
+                                 interval=0.05, message='a job at the next leader')
+            takeovers.append(min(started) - faulted_at)
+        undo(leader)
+    wait_until(lambda: set(acknowledged) <= {tag_of(entry) for entry in cluster.runs('end')}, timeout=120,
+               message='every acknowledged job to run to its end')
+    finished = {tag_of(entry) for entry in cluster.runs('end')}
+    counts = {'overlaps': len(cluster.overlaps()), 'lost': len(set(acknowledged) - finished),
+              'takeover': [round(seconds, 2) for seconds in takeovers]}
+    return counts
+
+
+def _servers(url, cluster_of, count=2):
+    cluster = cluster_of(url, count)
+    cluster.start(0)
+    assert cluster.leader() == 0
+    for number in range(1, count):
+        cluster.start(number)
+    return cluster
+
+
+@pytest.mark.timeout(300)
+def test_leader_killed(database, cluster_of):
+    """kill -9 of the leader: its fence ends its job before the lease expires; a standby takes over."""
+    _, url = database
+    cluster = _servers(url, cluster_of)
+
+    def fault(leader):
+        cluster.servers[leader].server.kill()
+        return True
+
+    def undo(leader):
+        cluster.servers[leader].server.wait()
+        cluster.start(leader)
+    counts = _fault_loop(cluster, fault, 3, undo)
+    print('kill -9 of the leader (%s): %s' % (database[0].kind, counts))
+    assert counts['overlaps'] == 0 and counts['lost'] == 0
+    assert max(counts['takeover']) <= TTL + MARGIN + 5
+
+
+@pytest.mark.timeout(300)
+def test_leader_frozen(database, cluster_of):
+    """SIGSTOP of the leader for longer than lease_ttl, then SIGCONT: it stands by, and nothing runs twice at once."""
+    _, url = database
+    cluster = _servers(url, cluster_of)
+
+    def fault(leader):
+        cluster.servers[leader].server.send_signal(signal.SIGSTOP)
+        return True
+
+    def undo(leader):
+        time.sleep(1)
+        cluster.servers[leader].server.send_signal(signal.SIGCONT)
+        wait_until(lambda: (cluster.health(leader) or {}).get('role') == 'standby', timeout=20,
+                   message='the old leader to stand by')
+    counts = _fault_loop(cluster, fault, 3, undo)
+    print('SIGSTOP of the leader (%s): %s' % (database[0].kind, counts))
+    assert counts['overlaps'] == 0 and counts['lost'] == 0
+    assert max(counts['takeover']) <= TTL + MARGIN + 5
+    assert 'stops leading' in cluster.servers[0].log()
+
+
+@pytest.mark.timeout(300)
+def test_leader_session_ended_by_the_database(database, cluster_of):
+    """pg_terminate_backend / KILL of every session of the servers: they open new ones; nothing is lost."""
+    server, url = database
+    cluster = _servers(url, cluster_of)
+
+    def fault(leader):
+        server.terminate('bots-jobqueue%')
+        return False
+
+    counts = _fault_loop(cluster, fault, 3, lambda leader: time.sleep(0.5))
+    print('database sessions ended (%s): %s' % (server.kind, counts))
+    assert counts['overlaps'] == 0 and counts['lost'] == 0
+
+
+@pytest.mark.timeout(300)
+def test_leader_cut_off_from_the_database(database, cluster_of, tmp_path):
+    """The leader's connections pass through a proxy that stops passing bytes: its fence ends its job,
+    the standby takes over; mended, the old leader stands by."""
+    server, url = database
+    proxy = Proxy(server.port)
+    try:
+        proxied = url.replace(':%d/' % server.port, ':%d/' % proxy.port)
+        cluster = cluster_of(url, 2, urls={0: proxied})
+        cluster.start(0)
+        assert cluster.leader() == 0
+        cluster.start(1)
+
+        def fault(leader):
+            if leader == 0:
+                proxy.cut()
+                return True
+            # The other one leads (the first cycle's takeover): make machine 0 lead again.
+            cluster.servers[1].stop_server()
+            assert cluster.leader() == 0
+            cluster.start(1)
+            proxy.cut()
+            return True
+
+        def undo(leader):
+            proxy.mend()
+            wait_until(lambda: (cluster.health(0) or {}).get('role') == 'standby', timeout=60,
+                       message='machine 0 to stand by')
+        counts = _fault_loop(cluster, fault, 2, undo)
+        print('leader cut off from the database (%s): %s' % (server.kind, counts))
+        assert counts['overlaps'] == 0 and counts['lost'] == 0
+        assert max(counts['takeover']) <= TTL + MARGIN + 5
+    finally:
+        proxy.close()
