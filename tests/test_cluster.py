@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 import urllib.request
-import xmlrpc.client
 
 import pytest
 
@@ -251,18 +250,19 @@ def test_three_servers_one_queue(database, cluster_of):
     assert sorted(record['jobnumber'] for record in history) == sorted(listed)
 
 
-def _fault_loop(cluster, fault, cycles, undo):
-    """Fault the leader ``cycles`` times while a job runs there; return the counts."""
+def _fault_loop(cluster, name, fault, cycles, undo, prepare=None):
+    """Fault the leader ``cycles`` times while a job runs there; return the counts.  ``fault(leader)``
+    says whether a takeover follows; ``prepare()`` chooses the leader to fault."""
     acknowledged, takeovers = [], []
     for cycle in range(cycles):
-        leader = cluster.leader()
-        long_tag = '%s-long-%d' % (fault, cycle)
+        leader = cluster.leader() if prepare is None else prepare()
+        long_tag = '%s-long-%d' % (name, cycle)
         assert cluster.add(leader, cluster.engine('--tag=' + long_tag, '--sleep=5')) == 0
         acknowledged.append(long_tag)
         wait_until(lambda: any(tag_of(entry) == long_tag for entry in cluster.runs('start')), timeout=30,
                    message='the long job to start')
         for number in range(3):
-            tag = '%s-%d-%d' % (fault, cycle, number)
+            tag = '%s-%d-%d' % (name, cycle, number)
             assert cluster.add(number % len(cluster.servers), cluster.engine('--tag=' + tag, '--sleep=0.2')) == 0
             acknowledged.append(tag)
         faulted_at = time.time()
@@ -303,7 +303,7 @@ def test_leader_killed(database, cluster_of):
     def undo(leader):
         cluster.servers[leader].server.wait()
         cluster.start(leader)
-    counts = _fault_loop(cluster, fault, 3, undo)
+    counts = _fault_loop(cluster, 'kill', fault, 3, undo)
     print('kill -9 of the leader (%s): %s' % (database[0].kind, counts))
     assert counts['overlaps'] == 0 and counts['lost'] == 0
     assert max(counts['takeover']) <= TTL + MARGIN + 5
@@ -324,7 +324,7 @@ def test_leader_frozen(database, cluster_of):
         cluster.servers[leader].server.send_signal(signal.SIGCONT)
         wait_until(lambda: (cluster.health(leader) or {}).get('role') == 'standby', timeout=20,
                    message='the old leader to stand by')
-    counts = _fault_loop(cluster, fault, 3, undo)
+    counts = _fault_loop(cluster, 'stop', fault, 3, undo)
     print('SIGSTOP of the leader (%s): %s' % (database[0].kind, counts))
     assert counts['overlaps'] == 0 and counts['lost'] == 0
     assert max(counts['takeover']) <= TTL + MARGIN + 5
@@ -341,7 +341,7 @@ def test_leader_session_ended_by_the_database(database, cluster_of):
         server.terminate('bots-jobqueue%')
         return False
 
-    counts = _fault_loop(cluster, fault, 3, lambda leader: time.sleep(0.5))
+    counts = _fault_loop(cluster, 'terminate', fault, 3, lambda leader: time.sleep(0.5))
     print('database sessions ended (%s): %s' % (server.kind, counts))
     assert counts['overlaps'] == 0 and counts['lost'] == 0
 
@@ -359,22 +359,24 @@ def test_leader_cut_off_from_the_database(database, cluster_of, tmp_path):
         assert cluster.leader() == 0
         cluster.start(1)
 
+        def prepare():
+            # Machine 0 reaches the database through the proxy: it is the one to lead.
+            if cluster.leader() != 0:
+                cluster.servers[1].stop_server()
+                assert cluster.leader() == 0
+                cluster.start(1)
+            return 0
+
         def fault(leader):
-            if leader == 0:
-                proxy.cut()
-                return True
-            # The other one leads (the first cycle's takeover): make machine 0 lead again.
-            cluster.servers[1].stop_server()
-            assert cluster.leader() == 0
-            cluster.start(1)
             proxy.cut()
             return True
 
         def undo(leader):
+            time.sleep(2)
             proxy.mend()
             wait_until(lambda: (cluster.health(0) or {}).get('role') == 'standby', timeout=60,
                        message='machine 0 to stand by')
-        counts = _fault_loop(cluster, fault, 2, undo)
+        counts = _fault_loop(cluster, 'cut', fault, 2, undo, prepare)
         print('leader cut off from the database (%s): %s' % (server.kind, counts))
         assert counts['overlaps'] == 0 and counts['lost'] == 0
         assert max(counts['takeover']) <= TTL + MARGIN + 5

@@ -230,22 +230,35 @@ class Connection:
 
     def transaction(self, work):
         """``work(cursor)`` in one transaction, committed; its result.  StoreUnreachable when the
-        database fails (the transaction is rolled back, the connection dropped)."""
-        try:
-            if self._raw is None:
-                self._raw = self._open()
-            cursor = self._raw.cursor()
+        database fails (the transaction is rolled back, the connection dropped).
+
+        A connection that was lost while it was idle (the database ended the session, or
+        restarted) fails at the first statement, before anything is done: that one case is tried
+        again at once on a new connection.  A failure later in a transaction is not retried - a
+        commit whose answer was lost may have happened."""
+        for attempt in (1, 2):
+            reused = self._raw is not None
+            cursor = None
             try:
+                if self._raw is None:
+                    self._raw = self._open()
+                cursor = _Counting(self._raw.cursor())
                 result = work(cursor)
                 self._raw.commit()
                 return result
+            except self._driver.Error as exc:
+                self.drop()
+                if attempt == 1 and reused and cursor is not None and cursor.done == 0:
+                    continue
+                text = str(exc).strip().splitlines()
+                raise StoreUnreachable('the database %s fails: %s' % (
+                    safe_url(self.kind, self.arguments), text[0] if text else type(exc).__name__)) from exc
             finally:
-                cursor.close()
-        except self._driver.Error as exc:
-            self.drop()
-            text = str(exc).strip().splitlines()
-            raise StoreUnreachable('the database %s fails: %s' % (
-                safe_url(self.kind, self.arguments), text[0] if text else type(exc).__name__)) from exc
+                if cursor is not None:
+                    try:
+                        cursor.close()
+                    except self._driver.Error:
+                        pass
 
     def drop(self):
         raw, self._raw = self._raw, None
@@ -254,6 +267,22 @@ class Connection:
                 raw.close()
             except Exception:     # closing a broken connection says nothing new
                 pass
+
+
+class _Counting:
+    """A cursor that counts the statements it has done."""
+
+    def __init__(self, cursor):
+        self._cursor = cursor
+        self.done = 0
+
+    def execute(self, *args):
+        result = self._cursor.execute(*args)
+        self.done += 1
+        return result
+
+    def __getattr__(self, name):
+        return getattr(self._cursor, name)
 
 
 class DatabaseStore:

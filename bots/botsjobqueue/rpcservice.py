@@ -107,15 +107,21 @@ class JobQueueService:
 
     def health(self):
         """The state ``/health`` and ``/metrics`` tell (not an XML-RPC method)."""
-        oldest = self._store.oldest_waiting()
-        last = self._store.history(1, with_output=False)
-        state = {'accepting': self.stopping is None, 'paused': self._queue.paused,
+        try:
+            oldest = self._store.oldest_waiting()
+            last = self._store.history(1, with_output=False)
+            trouble = None
+        except OSError as exc:          # a database store that cannot be reached
+            oldest, last, trouble = None, [], str(exc)
+        state = {'accepting': self.stopping is None and trouble is None, 'paused': self._queue.paused,
                  'running': len(self._states.running()), 'waiting': len(self._queue),
                  'runners_alive': self._runners_alive(),
                  'oldest_waiting_age': max(0.0, time.time() - oldest) if oldest and len(self._queue) else None,
                  'last_finished': None}
         if last:
             state['last_finished'] = {key: last[0].get(key) for key in ('jobnumber', 'exitcode', 'status', 'ended')}
+        if trouble is not None:
+            state['store_error'] = trouble
         if self.leadership is not None:
             state['role'] = 'leader' if self.leadership.leading else 'standby'
             state['server'] = self.leadership.store.name
