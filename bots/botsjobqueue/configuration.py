@@ -141,7 +141,8 @@ KNOWN_KEYS = {
     'jobqueue': ('enabled', 'port', 'host', 'nr_threads', 'lauchfrequency', 'killjobsintimeout', 'authorized_tasks',
                  'client_timeout', 'history', 'kill_grace', 'shutdown_grace', 'locked_retry_delay',
                  'locked_report_after', 'output_limit', 'max_connections', 'request_timeout', 'max_request_size',
-                 'max_task_size', 'max_task_args', 'max_queue_bytes', 'status_page') + LOG_KEYS,
+                 'max_task_size', 'max_task_args', 'max_queue_bytes', 'status_page', 'store', 'lease_ttl',
+                 'lease_margin', 'fence_grace', 'secret', 'secret_file', 'require_secret') + LOG_KEYS,
     'dirmonitor': ('quiet_period', 'priority', 'process_existing', 'polling', 'polling_interval', 'retry_max',
                    'write_pause_limit', 'trigger', 'lauchfrequency') + LOG_KEYS,
     'dirmonitorN': ('path', 'filemask', 'recursive', 'route', 'priority', 'polling'),
@@ -256,6 +257,31 @@ class Environment:
     @property
     def port(self):
         return self.ini.getint('jobqueue', 'port', codes.DEFAULT_PORT)
+
+    @property
+    def client_host(self):
+        """Where our clients find the server: ``[jobqueue] host``; this machine when the server
+        listens on every address (or no host is given)."""
+        host = self.ini.get('jobqueue', 'host', '').strip()
+        return '127.0.0.1' if host in ('', '0.0.0.0', '::', '*') else host
+
+    @functools.cached_property
+    def secret(self):
+        """The shared secret of ``[jobqueue] secret``, or of the file ``secret_file`` names (its
+        first line); '' when none is set.  Raises ConfigError for a file that cannot be read."""
+        secret = self.ini.get('jobqueue', 'secret', '').strip()
+        path = self.ini.get('jobqueue', 'secret_file', '').strip()
+        if path and not secret:
+            path = os.path.join(self.configdir, os.path.expanduser(path))
+            try:
+                with open(path, encoding='utf-8') as handle:
+                    secret = handle.readline().strip()
+            except OSError as exc:
+                raise ConfigError('Error: [jobqueue] secret_file = %s cannot be read (%s).'
+                                  % (path, exc.strerror or exc))
+            if not secret:
+                raise ConfigError('Error: [jobqueue] secret_file = %s is empty.' % path)
+        return secret
 
     @property
     def client_timeout(self):

@@ -531,7 +531,8 @@ class DatabaseStore:
         ended them before this lease began, or here in an earlier term - now ours: StoredJobs."""
         def claim(cursor):
             self._change(cursor, None, None)
-            cursor.execute("SELECT %s FROM jobqueue_job WHERE state = 'running' ORDER BY jobnumber" % ', '.join(COLUMNS))
+            cursor.execute("SELECT %s FROM jobqueue_job WHERE state = 'running' ORDER BY jobnumber"
+                           % ', '.join(COLUMNS))
             rows = [StoredJob(row[0], row[1], json.loads(row[2]), *row[3:]) for row in cursor.fetchall()]
             cursor.execute("UPDATE jobqueue_job SET server = %s WHERE state = 'running'", (self.name,))
             return rows

@@ -8,13 +8,14 @@ could read in two ways (smuggling), and the browser rules of SPEC 7 - so
 that a request is read one way only.
 """
 import email.utils
+import hmac
 import ipaddress
 import socket
 
 MAX_HEAD = 65536                 # request line and headers, bytes
 MAX_HEADER_LINES = 100
 
-REASONS = {100: 'Continue', 200: 'OK', 400: 'Bad Request', 403: 'Forbidden', 404: 'Not Found',
+REASONS = {100: 'Continue', 200: 'OK', 400: 'Bad Request', 401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found',
            408: 'Request Timeout', 411: 'Length Required',
            413: 'Content Too Large', 415: 'Unsupported Media Type', 431: 'Request Header Fields Too Large',
            500: 'Internal Server Error', 501: 'Not Implemented', 503: 'Service Unavailable',
@@ -166,6 +167,38 @@ class BrowserRules:
         except ValueError:
             return False
         return True
+
+
+class SecretRule:
+    """The shared secret (SPEC 11): required from every client not on this machine (or from
+    every client, ``require_secret = always``), as ``Authorization: Bearer <secret>``."""
+
+    def __init__(self, secret, require='remote'):
+        self.secret = secret.encode('utf-8')
+        self.always = require == 'always'
+
+    def admits(self, headers, address):
+        """True when the request carries the secret (a web page cannot know it: the browser
+        rules are for the others); False for a client that need not give it.  Raises Refusal."""
+        given = headers.get('authorization', '')
+        if self.secret and given[:7].lower() == 'bearer ':
+            if hmac.compare_digest(given[7:].strip().encode('utf-8', 'replace'), self.secret):
+                return True
+            raise Refusal(401, 'the shared secret is wrong (the client\'s [jobqueue] secret is not the server\'s)')
+        if self.always or not is_loopback(address):
+            raise Refusal(401, 'a client %s gives the shared secret ([jobqueue] secret%s)'
+                          % ('of this server' if self.always else 'on another machine',
+                             '' if self.secret else ', which this server has not set: it takes no client '
+                                                    'of another machine'))
+        return False
+
+
+def is_loopback(address):
+    try:
+        ip = ipaddress.ip_address(address.split('%')[0])
+    except ValueError:
+        return False
+    return ip.is_loopback or bool(getattr(ip, 'ipv4_mapped', None) and ip.ipv4_mapped.is_loopback)
 
 
 # Every page answer: no guessing of types, no framing by other sites, scripts only from the server.

@@ -2,6 +2,7 @@
 
 Runs from schedulers every few minutes, so it imports only what it needs.
 """
+import os
 import sys
 
 from . import codes
@@ -37,25 +38,30 @@ Examples:
 '''
 
 
-def send_job_to_jobqueue(task_args, priority=5, port=None, timeout=DEFAULT_TIMEOUT, host='127.0.0.1'):
+def send_job_to_jobqueue(task_args, priority=5, port=None, timeout=DEFAULT_TIMEOUT, host=None, secret=None):
     """Add a job to the queue of the running server; return its code.
 
     0 added (or the priority of a waiting duplicate changed), 1 server not
     reachable (or not answering within ``timeout``, or it refused the
     request), 2 no task, 3 task not authorized, 4 duplicate, not added.  Never
     raises for an unreachable server.  ``port`` defaults to the one in the
-    loaded bots.ini (Bots' global configuration) or 28082.
+    loaded bots.ini (Bots' global configuration) or 28082; ``host`` and ``secret`` to its
+    ``[jobqueue] host`` and ``secret`` (a server on another machine), else this machine.
     """
     if port is None:
         port = _configured_port()
-    return _send(task_args, priority, port, timeout, host)[0]
+    if host is None or secret is None:
+        configured_host, configured_secret = _configured_server()
+        host = configured_host if host is None else host
+        secret = configured_secret if secret is None else secret
+    return _send(task_args, priority, port, timeout, host, secret)[0]
 
 
-def _send(task_args, priority, port, timeout, host):
+def _send(task_args, priority, port, timeout, host, secret=''):
     """``(code, reason)``: the server's answer, and why it is 1 (else '')."""
     from . import rpcclient
     try:
-        return rpcclient.addjob(port, task_args, priority, timeout=timeout, host=host), ''
+        return rpcclient.addjob(port, task_args, priority, timeout=timeout, host=host, secret=secret), ''
     except Exception as exc:      # CallFailed, or a Fault (wrong types, a busy store): not added
         return codes.UNREACHABLE, getattr(exc, 'faultString', None) or str(exc) or type(exc).__name__
 
@@ -70,6 +76,27 @@ def _configured_port():
         except Exception:          # a foreign ini object: fall back to the documented default
             pass
     return codes.DEFAULT_PORT
+
+
+def _configured_server():
+    """``(host, secret)`` of Bots' own loaded configuration (the monitor's), else this machine."""
+    botsglobal = sys.modules.get('bots.botsglobal')
+    ini = getattr(botsglobal, 'ini', None)
+    host, secret = '127.0.0.1', ''
+    try:
+        if ini is not None:
+            def value(key):         # Bots' own ini objects raise for a missing key without a default
+                return ini.get('jobqueue', key).strip() if ini.has_option('jobqueue', key) else ''
+            host = value('host')
+            host = '127.0.0.1' if host in ('', '0.0.0.0', '::', '*') else host
+            secret, path = value('secret'), value('secret_file')
+            if path and not secret:
+                configdir = ini.get('directories', 'config') if ini.has_option('directories', 'config') else ''
+                with open(os.path.join(configdir, os.path.expanduser(path)), encoding='utf-8') as handle:
+                    secret = handle.readline().strip()
+    except Exception:          # a foreign ini object, an unreadable file: this machine, no secret
+        return '127.0.0.1', ''
+    return host, secret
 
 
 def parse_args(argv, name='bots-job2queue'):
@@ -114,14 +141,15 @@ def start():
         configdir, priority, task = parse_args(sys.argv[1:], name)
         environment = configuration.load(configdir, clock=False)
         timeout, port = environment.client_timeout, environment.port
+        host, secret = environment.client_host, environment.secret
         configuration.say_if_bundled(environment, name)
     except configuration.ConfigError as exc:
         print(exc, file=sys.stderr)
         sys.exit(1)
-    code, reason = _send(task, priority, port, timeout, '127.0.0.1')
+    code, reason = _send(task, priority, port, timeout, host, secret)
     message = JOBQUEUEMESSAGE2TXT.get(code, 'Error, unexpected answer %r from the jobqueue-server' % (code,))
     if reason:                    # Bots' words, then where and why
-        message += ' (port %s: %s)' % (port, reason)
+        message += ' (%s: %s)' % ('port %s' % port if host == '127.0.0.1' else '%s port %s' % (host, port), reason)
     print(message, file=sys.stdout if code in (codes.ADDED, codes.DUPLICATE) else sys.stderr)
     sys.exit(code if code in JOBQUEUEMESSAGE2TXT else codes.UNREACHABLE)
 

@@ -232,8 +232,12 @@ def serve(environment, signals):
     logger.log(botslog.STARTINFO, 'Bots jobqueue listens for xmlrpc at %s port %s.',
                rpc_settings.host, rpc_settings.port)
     if rpc_settings.host not in ('127.0.0.1', 'localhost', '::1'):
-        logger.warning('Listening on %s, not only on this machine: other machines can queue jobs.',
-                       rpc_settings.host)
+        if rpc_settings.secret:
+            logger.warning('Listening on %s, not only on this machine: other machines can queue jobs, with the '
+                           'shared secret.', rpc_settings.host)
+        else:
+            logger.warning('Listening on %s, but no shared secret is set ([jobqueue] secret): clients of other '
+                           'machines are refused.', rpc_settings.host)
     for problem in authorizer.problems + configuration.unknown_keys(environment.ini, ('jobqueue', 'schedule')):
         logger.warning(problem)
     if authorizer.allow_all:

@@ -28,12 +28,14 @@ Exit codes: 0 done; 1 cannot contact the server, or bad usage; 2 no such job.
 class Client:
     """The server's XML-RPC methods, with a timeout."""
 
-    def __init__(self, port, timeout):
+    def __init__(self, port, timeout, host='127.0.0.1', secret=''):
         self.port = port
         self.timeout = timeout
+        self.host = host
+        self.secret = secret
 
     def call(self, method, *params):
-        return rpcclient.call(self.port, method, *params, timeout=self.timeout)
+        return rpcclient.call(self.port, method, *params, timeout=self.timeout, host=self.host, secret=self.secret)
 
 
 def when(timestamp):
@@ -170,9 +172,10 @@ def start():
         environment = configuration.load(configdir)
         configuration.say_if_bundled(environment, name)
         timeout, port = environment.client_timeout, environment.port
+        host, secret = environment.client_host, environment.secret
     except configuration.ConfigError as exc:
         sys.exit(_fail(str(exc)))
-    client = Client(port, timeout)
+    client = Client(port, timeout, host, secret)
     try:
         code = run(client, command, numbers, as_json, show_all)
         sys.stdout.flush()
@@ -182,7 +185,8 @@ def start():
     except xmlrpc.client.Fault as fault:
         sys.exit(_fail('Error: the jobqueue-server refused: %s' % fault.faultString))
     except rpcclient.CallFailed as exc:
-        sys.exit(_fail('Error: cannot contact the jobqueue-server on port %s (%s)' % (port, exc)))
+        sys.exit(_fail('Error: cannot contact the jobqueue-server on %sport %s (%s)'
+                       % ('' if host == '127.0.0.1' else host + ' ', port, exc)))
 
 
 def all_waiting(client):

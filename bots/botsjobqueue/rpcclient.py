@@ -26,15 +26,15 @@ class CallFailed(Exception):
     """The server could not be reached, did not answer in time, or answered with an error."""
 
 
-def addjob(port, task, priority, timeout=10, host='127.0.0.1'):
+def addjob(port, task, priority, timeout=10, host='127.0.0.1', secret=''):
     """The server's answer to ``addjob(task, priority)``: 0, 2, 3 or 4.  Raises CallFailed."""
     if type(priority) is not int or not all(type(arg) is str for arg in task):
-        return call(port, 'addjob', list(task), priority, timeout=timeout, host=host)
+        return call(port, 'addjob', list(task), priority, timeout=timeout, host=host, secret=secret)
     values = ''.join('<value><string>%s</string></value>' % _escape(arg) for arg in task)
     body = ('<?xml version="1.0"?>\n<methodCall><methodName>addjob</methodName><params>'
             '<param><value><array><data>%s</data></array></value></param>'
             '<param><value><int>%d</int></value></param></params></methodCall>\n' % (values, priority))
-    answer = post(host, port, body.encode('utf-8'), timeout)
+    answer = post(host, port, body.encode('utf-8'), timeout, secret)
     match = INT_ANSWER.search(answer)
     if match is None:
         fault = FAULT_STRING.search(answer)
@@ -49,10 +49,13 @@ def _escape(text):
     return text.replace('&', '&amp;').replace('<', '&lt;').replace('>', '&gt;')
 
 
-def post(host, port, body, timeout):
-    """POST ``body`` to the server (HTTP/1.0, so the server closes when done); the answer's body."""
-    request = (b'POST /RPC2 HTTP/1.0\r\nHost: %s:%d\r\nContent-Type: text/xml\r\n'
-               b'Content-Length: %d\r\n\r\n' % (host.encode('ascii', 'replace'), port, len(body)) + body)
+def post(host, port, body, timeout, secret=''):
+    """POST ``body`` to the server (HTTP/1.0, so the server closes when done); the answer's body.
+    ``secret``: the shared secret, sent as a bearer token (a server elsewhere asks for it)."""
+    authorization = b'Authorization: Bearer %s\r\n' % secret.encode('utf-8') if secret else b''
+    request = (b'POST /RPC2 HTTP/1.0\r\nHost: %s:%d\r\nContent-Type: text/xml\r\n%s'
+               b'Content-Length: %d\r\n\r\n' % (host.encode('ascii', 'replace'), port, authorization, len(body))
+               + body)
     try:
         sock = _connect(host, port, timeout)
         try:
@@ -74,7 +77,9 @@ def post(host, port, body, timeout):
     head, _, answer = b''.join(chunks).partition(b'\r\n\r\n')
     status = head.split(None, 2)[1:2]
     if status != [b'200']:
-        raise CallFailed('the server answered HTTP %s' % (status[0].decode('ascii', 'replace') if status else '?'))
+        why = answer.decode('utf-8', 'replace').strip().splitlines()[:1]
+        raise CallFailed('the server answered HTTP %s%s' % (status[0].decode('ascii', 'replace') if status else '?',
+                                                           ': ' + why[0][:300] if why else ''))
     return answer
 
 
@@ -93,11 +98,11 @@ def _connect(host, port, timeout):
     return socket.create_connection((host, port), timeout=timeout)
 
 
-def call(port, method, *params, timeout=10, host='127.0.0.1'):
+def call(port, method, *params, timeout=10, host='127.0.0.1', secret=''):
     """The server's answer to ``method(*params)``.  Raises CallFailed, or xmlrpc.client.Fault."""
     import xmlrpc.client
     body = xmlrpc.client.dumps(params, method, allow_none=True).encode('utf-8')
-    answer = post(host, port, body, timeout)
+    answer = post(host, port, body, timeout, secret)
     try:
         return xmlrpc.client.loads(answer)[0][0]
     except xmlrpc.client.Fault:

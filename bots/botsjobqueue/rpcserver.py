@@ -42,7 +42,9 @@ from xmlrpc.server import SimpleXMLRPCDispatcher
 
 from .admission import CLIENT
 from .botslog import RateLimited
-from .httphead import PAGE_HEADERS, BrowserRules, Refusal, body_length, head_end, http_answer, parse_head
+from .configuration import ConfigError
+from .httphead import (PAGE_HEADERS, BrowserRules, Refusal, SecretRule, body_length, head_end, http_answer,
+                       parse_head)
 from .store import StoreBusy, patiently
 
 BUFFER_BUDGET = 64 * 1024 * 1024  # unanswered request bytes of all connections together
@@ -67,6 +69,14 @@ class RPCSettings:
         # The status page, /health and /metrics: on by default only where only this machine reaches them.
         self.status_page = ini.getboolean('jobqueue', 'status_page', loopback)
         self.client_timeout = environment.client_timeout
+        self.secret = environment.secret
+        self.require_secret = ini.get('jobqueue', 'require_secret', 'remote').strip().lower() or 'remote'
+        if self.require_secret not in ('remote', 'always'):
+            raise ConfigError('Error: [jobqueue] require_secret is remote (clients of other machines give the '
+                              'secret) or always (every client does), not "%s".' % self.require_secret)
+        if self.require_secret == 'always' and not self.secret:
+            raise ConfigError('Error: [jobqueue] require_secret = always needs a secret ([jobqueue] secret or '
+                              'secret_file).')
 
 
 def raise_open_files_limit(wanted, logger):
@@ -142,6 +152,7 @@ class JobQueueRPCServer:
         self.pages = {}      # GET path -> function(query) returning (status, content type, body bytes)
         self.refusals = RateLimited(logger)
         self.rules = BrowserRules(settings.host, settings.port)
+        self.secrets = SecretRule(settings.secret, settings.require_secret)
         self._store_busy = False         # the call just dispatched met a busy store: it is retried
         self._retries = queue.SimpleQueue()   # (connection, request body, deadline, client) to retry
         self._retrying = 0               # calls handed to it and not answered yet
@@ -310,7 +321,8 @@ class JobQueueRPCServer:
                 return None
             end, size = found
             method, path, version, headers, keep_alive = parse_head(inbuf[:end])
-            self.rules.check(method, headers)
+            if not self.secrets.admits(headers, connection.address[0]):
+                self.rules.check(method, headers)
             connection.method, connection.path = method, path
             connection.keep_alive = keep_alive
             connection.head_end = end + size

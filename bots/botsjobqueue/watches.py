@@ -103,6 +103,7 @@ class MonitorSettings:
         trigger = ini.get('dirmonitor', 'trigger', '') or '.dirmonitor.trigger'
         self.trigger = os.path.join(environment.botssys, trigger)
         self.client_timeout = environment.client_timeout
+        self.host, self.secret = environment.client_host, environment.secret     # where the server is
         sections = [name for name in ini.sections() if name.startswith('dirmonitor') and name != 'dirmonitor']
         self.watches = [Watch(environment, name, self) for name in sections]
         self.notes = []          # (level, line) for the log: what was read of Bots' database

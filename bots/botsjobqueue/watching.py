@@ -61,7 +61,8 @@ class Outbox:
                     return
                 task, priority = next(iter(self._jobs.items()))
             code = send_job_to_jobqueue(list(task), priority, port=self.settings.port,
-                                        timeout=self.settings.client_timeout)
+                                        timeout=self.settings.client_timeout, host=self.settings.host,
+                                        secret=self.settings.secret)
             if code == codes.UNREACHABLE:
                 if self._stopping:
                     self.logger.error('Stopping while the jobqueue-server cannot be reached; not sent: %s',
