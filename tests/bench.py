@@ -2,7 +2,7 @@
 
     .venv/bin/python tests/bench.py            # the table
     .venv/bin/python tests/bench.py --json     # the same figures as JSON
-    .venv/bin/python tests/bench.py dispatch   # only some: addjob dispatch job2queue dirmonitor
+    .venv/bin/python tests/bench.py dispatch   # only some: addjob dispatch job2queue dirmonitor cluster ...
 
 Needs the project installed in the running interpreter's environment (its
 console scripts beside the interpreter), and task-spooler (``tsp``) for the
@@ -266,18 +266,20 @@ def percentile(values, fraction):
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def bench_dispatch(results, root, jobs=30, rounds=6):
+def bench_dispatch(results, root, jobs=30, rounds=6, ini_extra='', label='', targets=(0.9, 1.0)):
     """End of job i to start of job i+1, ours against tsp with the same probe jobs.
 
     Rounds of ``jobs`` probe jobs alternate between the two, so that the machine's
     ups and downs fall on both; each batch waits behind a first job of one second,
     so that every probe job is queued before the first one runs.
     """
-    base = os.path.join(root, 'dispatch')
-    environment = Environment(base)
+    base = os.path.join(root, 'dispatch' + label.replace(' ', '-'))
+    environment = Environment(base, ini_extra)
     trace = os.path.join(base, 'trace.txt')
     environment.env['BOTS_JOBQUEUE_TRACE'] = trace
     environment.start_server()
+    if ini_extra:
+        wait_for(lambda: _health(environment).get('role') == 'leader', timeout=60, interval=0.1)
     proxy = environment.proxy()
     tsp = shutil.which('tsp') or shutil.which('ts')
     env = dict(os.environ, TS_SOCKET=os.path.join(root, 'tsp.socket'), TS_MAXFINISHED='1000', TMPDIR=root)
@@ -302,16 +304,91 @@ def bench_dispatch(results, root, jobs=30, rounds=6):
             reference.extend(read_probe(record))
     history = proxy.history(10000)
     environment.stop_server()
-    dispatch_breakdown(results, records, history, trace)
+    if not label:
+        dispatch_breakdown(results, records, history, trace)
     if not tsp:
-        results.append(('dispatch gap ms, median (%d gaps)' % len(ours), statistics.median(ours) * 1000, None,
-                        None, '<= 0.9 of tsp (tsp not installed: apt-get install task-spooler)', None))
+        results.append(('dispatch gap ms%s, median (%d gaps)' % (label, len(ours)), statistics.median(ours) * 1000,
+                        None, None, '<= %s of tsp (tsp not installed: apt-get install task-spooler)' % targets[0],
+                        None))
         return
     subprocess.run([tsp, '-K'], env=env, capture_output=True)
-    for name, fraction, target in (('median', 0.5, 0.9), ('p90', 0.9, 1.0)):
+    for name, fraction, target in (('median', 0.5, targets[0]), ('p90', 0.9, targets[1])):
+        if target is None:
+            continue
         mine, theirs = percentile(ours, fraction) * 1000, percentile(reference, fraction) * 1000
-        results.append(('dispatch gap ms, %s (%d gaps)' % (name, len(ours)), mine, theirs, mine / theirs,
+        results.append(('dispatch gap ms%s, %s (%d gaps)' % (label, name, len(ours)), mine, theirs, mine / theirs,
                         '<= %s' % target, mine / theirs <= target))
+
+
+def _health(environment):
+    import urllib.request
+    try:
+        with urllib.request.urlopen('http://127.0.0.1:%d/health' % environment.port, timeout=5) as answer:
+            return json.load(answer)
+    except OSError as exc:
+        return json.load(exc) if hasattr(exc, 'read') else {}
+
+
+def bench_cluster(results, root):
+    """SPEC 11's figures, with a PostgreSQL of the benchmark's own: addjob calls/s with the shared
+    store against the SQLite store, the dispatch gap with it against tsp, and the takeover time
+    after kill -9 and after SIGSTOP of the leader (default lease_ttl)."""
+    sys.path.insert(0, HERE)
+    from databases import PostgreSQL
+    os.makedirs(os.path.join(root, 'postgresql'))
+    database = PostgreSQL(os.path.join(root, 'postgresql')).start()
+    try:
+        extra = 'store = %s\n' % database.url
+        sqlite_env = Environment(os.path.join(root, 'cluster-sqlite'))
+        shared_env = Environment(os.path.join(root, 'cluster-shared'), extra)
+        for environment in (sqlite_env, shared_env):
+            environment.start_server()
+            wait_for(lambda: _health(environment).get('role', 'leader') == 'leader', timeout=60, interval=0.1)
+            environment.proxy().addjob(environment.engine('blocker', '--sleep=3600'), 1)
+        shared, local = [], []
+        for round_number in range(3):
+            shared.append(client_rate(shared_env.port, shared_env.engine('added-%d' % round_number)))
+            local.append(client_rate(sqlite_env.port, sqlite_env.engine('added-%d' % round_number)))
+        shared, local = statistics.median(shared), statistics.median(local)
+        results.append(('addjob calls/s, PostgreSQL store vs SQLite', shared, local, shared / local, '>= 0.5',
+                        shared / local >= 0.5))
+        for environment in (sqlite_env, shared_env):
+            environment.kill_server()
+            _kill_recorded(environment)
+        database.sql('CREATE DATABASE dispatch', database='postgres')
+        bench_dispatch(results, root, ini_extra='store = %s/dispatch\n' % database.url.rsplit('/', 1)[0],
+                       label=' PostgreSQL store', targets=(1.5, None))
+        for fault in ('kill -9', 'SIGSTOP'):
+            results.append(_takeover(root, database, fault))
+    finally:
+        database.stop()
+
+
+def _takeover(root, database, fault, ttl=20):
+    """Seconds from the fault of the leader to the next job's start at the standby."""
+    name = 'takeover%d' % len(os.listdir(root))
+    database.sql('CREATE DATABASE %s' % name, database='postgres')
+    url = database.url.rsplit('/', 1)[0] + '/' + name
+    first, second = (Environment(os.path.join(root, '%s-%d' % (name, number)), 'store = %s\nlease_ttl = %d\n'
+                                 % (url, ttl)) for number in (1, 2))
+    second.record = first.record
+    second.env['FAKE_ENGINE_RECORD'] = first.record
+    first.start_server()
+    wait_for(lambda: _health(first).get('role') == 'leader', timeout=120, interval=0.1)
+    second.start_server()
+    first.proxy().addjob(first.engine('long', '--sleep=3600'), 5)
+    wait_for(lambda: any(entry['argv'][-2:] == ['long', '--sleep=3600'] for entry in _runs(first)), timeout=60)
+    first.proxy().addjob(first.engine('next'), 5)
+    faulted = time.time()
+    first.server.send_signal(signal.SIGKILL if fault == 'kill -9' else signal.SIGSTOP)
+    wait_for(lambda: any(entry['argv'][-1:] == ['next'] for entry in _runs(first)), timeout=ttl * 3, interval=0.05)
+    took = [entry['time'] for entry in _runs(first) if entry['argv'][-1:] == ['next']][0] - faulted
+    for environment in (first, second):
+        environment.server.send_signal(signal.SIGCONT)
+        environment.kill_server()
+        _kill_recorded(environment)
+    return ('takeover after %s of the leader, s (lease_ttl %d)' % (fault, ttl), took, None, None,
+            '<= %d' % (ttl + 5), took <= ttl + 5)
 
 
 BREAKDOWN = (('the child ends -> the runner sees it (wait)', 'E', 'ended'),
@@ -666,7 +743,7 @@ def _fmt(value):
 
 BENCHES = {'addjob': bench_addjob, 'dispatch': bench_dispatch, 'job2queue': bench_job2queue,
            'dirmonitor': bench_dirmonitor, 'slowclients': bench_slowclients, 'schedules': bench_schedules,
-           'page': bench_page}
+           'page': bench_page, 'cluster': bench_cluster}
 
 
 def main():

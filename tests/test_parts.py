@@ -237,3 +237,48 @@ def test_the_browser_rules_keep_other_sites_out():
         with pytest.raises(httphead.Refusal) as refused:
             rules.check(method, headers)
         assert refused.value.code == code
+
+
+# ---- storechoice: which store, and where SQLite is refused
+def test_sqlite_on_a_network_file_system_is_refused(tmp_path):
+    """The mount table as Linux writes it (/proc/mounts): botssys on NFS, SMB or FUSE is refused,
+    on a local file system (or under a local mount inside a network one) it is not."""
+    from bots.botsjobqueue import storechoice
+    from bots.botsjobqueue.configuration import ConfigError
+    botssys = tmp_path / 'shared' / 'botssys'
+    botssys.mkdir(parents=True)
+    local = tmp_path / 'shared' / 'local'
+    local.mkdir()
+    mounts = tmp_path / 'mounts'
+    for kind in ('nfs4', 'cifs', 'fuse.sshfs', 'fuse'):
+        mounts.write_text('/dev/sda1 / ext4 rw 0 0\nserver:/export %s %s rw 0 0\n/dev/sdb1 %s ext4 rw 0 0\n'
+                          % (tmp_path / 'shared', kind, local))
+        with pytest.raises(ConfigError) as refusal:
+            storechoice.check_sqlite_place(str(botssys), str(mounts))
+        assert kind in str(refusal.value) and 'store = database' in str(refusal.value)
+        assert len(str(refusal.value).splitlines()) == 1
+        storechoice.check_sqlite_place(str(local), str(mounts))          # a local disk mounted below it
+    mounts.write_text('/dev/sda1 / ext4 rw 0 0\ntmpfs %s tmpfs rw 0 0\n' % (tmp_path / 'shared'))
+    storechoice.check_sqlite_place(str(botssys), str(mounts))
+    assert storechoice.file_system(str(tmp_path)) != ''                 # this machine's own table is read
+
+
+def test_the_database_of_settings_py(tmp_path):
+    """store = database reads DATABASES['default'] from settings.py's text, without running it."""
+    from bots.botsjobqueue import dbstore, storechoice
+    (tmp_path / 'settings.py').write_text(
+        "import os\nDATABASES = {\n    'default': {\n        'ENGINE': 'django.db.backends.postgresql',\n"
+        "        'NAME': 'botsdb', 'USER': 'bots', 'PASSWORD': 'pw', 'HOST': 'db.example.com', 'PORT': '5433',\n"
+        "        'OPTIONS': {'connect_timeout': os.environ.get('X', 5)},\n    }\n}\n")
+    kind, arguments = dbstore.from_django(storechoice.settings_database(str(tmp_path)))
+    assert (kind, arguments['host'], arguments['port'], arguments['database']) == ('postgresql', 'db.example.com',
+                                                                                     5433, 'botsdb')
+    (tmp_path / 'settings.py').write_text("DATABASES = {'default': {'ENGINE': 'django.db.backends.sqlite3', "
+                                          "'NAME': os.path.join(BASE, 'botsdb')}}\n")
+    with pytest.raises(ValueError) as refusal:
+        dbstore.from_django(storechoice.settings_database(str(tmp_path)))
+    assert 'PostgreSQL or MySQL' in str(refusal.value)
+    assert dbstore.parse_url('mysql://u:p%40ss@h:3307/d') == ('mysql', dict(host='h', port=3307, user='u',
+                                                                            password='p@ss', database='d'))
+    with pytest.raises(ValueError):
+        dbstore.parse_url('oracle://u@h/d')

@@ -16,6 +16,10 @@ package, under names Bots does not use.  Where a job goes, in order:
 - ``admission``       whether a task may be queued (clients' and schedules' alike), and its log line
 - ``jobqueue``        the queue of waiting jobs (priority heap + duplicate index)
 - ``store``           where waiting, running and finished jobs are kept (SQLite)
+- ``dbstore``         the same in PostgreSQL or MySQL/MariaDB, shared by several servers; ``storechoice``
+                      which store bots.ini names
+- ``cluster``         several servers on one shared store: the lease (one leader), following the queue
+- ``fence``           the leader's process that starts its jobs and ends them when its lease runs out
 - ``runner``          runners: take the next job, have it started, record the one before
 - ``launcher``        start a job, supervise it to its end (``RunningJob``), adopt one after a restart
 - ``processes``       is a job alive, wait for it, signal it; the lock file each job holds
@@ -44,5 +48,5 @@ Around it:
 """
 
 # This package's own version (MAJOR.MINOR.PATCH, see README "Versions"), not the Bots it serves.
-__version__ = '1.0.1'
+__version__ = '1.1.0'
 BOTS_VERSIONS = '3.3.1 and 4.0'      # the Bots releases it is tested with

@@ -79,6 +79,7 @@ class Leadership:
         self.valid_until = 0.0        # monotonic: the fence's SIGTERM moment
         self.on_lead = []             # called when we become leader
         self.on_lose = []             # called when we stop leading
+        self.on_held = []             # called after each renewal (the lease holds on)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name='lease', daemon=True)
         self._trouble = False
@@ -149,6 +150,8 @@ class Leadership:
         sent = time.monotonic()
         if self.store.renew(self.term, self.settings.lease_ttl):
             self._held(sent)
+            for call in self.on_held:
+                call()
         else:
             self._lose('another server holds the lease')
 

@@ -26,6 +26,7 @@ the connection is opened again at the next call.
 """
 import hashlib
 import json
+import os
 import socket
 import threading
 import time
@@ -295,7 +296,9 @@ class DatabaseStore:
         self.arguments = arguments
         self.history_size = history_size
         self.dialect = Dialect(kind)
-        self.name = name or '%s:%d' % (socket.gethostname(), __import__('os').getpid())
+        # Who this server is, in the lease and the change rows: machine and pid, and a token, for a
+        # container restarted under the same name and pid (1) is another server.
+        self.name = name or '%s:%d:%s' % (socket.gethostname(), os.getpid(), os.urandom(3).hex())
         self.url = safe_url(kind, arguments)
         self._finished = 0
         self._lock = threading.Lock()
@@ -525,6 +528,18 @@ class DatabaseStore:
         self._run(lambda cursor: cursor.execute(
             'UPDATE jobqueue_job SET pid = %s, pid_start = %s, relay_pid = %s, output = %s WHERE jobnumber = %s '
             'AND server = %s', (pid, pid_start, relay_pid, output, jobnumber, self.name)))
+
+    def running_elsewhere(self):
+        """The jobs stored as running at other servers, as ``status`` shows them."""
+        def read(cursor):
+            cursor.execute("SELECT jobnumber, priority, task, pid, started, server FROM jobqueue_job WHERE "
+                           "state = 'running' AND server != %s ORDER BY jobnumber", (self.name,))
+            return cursor.fetchall()
+        now = time.time()
+        jobs = [{'jobnumber': number, 'priority': priority, 'task': json.loads(task), 'pid': pid, 'started': started,
+                 'running_for': max(0.0, now - (started or now)), 'server': server}
+                for number, priority, task, pid, started, server in self._run(read)]
+        return [{key: value for key, value in job.items() if value is not None} for job in jobs]
 
     def claim_running(self):
         """(A new leader.)  The jobs stored as running - at servers that led before, whose fences

@@ -6,6 +6,7 @@ the shutdown.
 """
 import gc
 import os
+import socket
 import sys
 import threading
 import time
@@ -24,7 +25,7 @@ from .rpcservice import JobQueueService
 from .schedule import Scheduler, read_schedules
 from .signals import Signals
 from .statuspage import StatusPages
-from .storechoice import open_store
+from .storechoice import kind_of_store, open_store
 
 # Bots 4's own bots-job2queue (beside this server it is Bots', inside Bots ours replaces it) reads
 # this name from the server's module: the engine's bare name and where the PATH has it.
@@ -185,6 +186,7 @@ def join_cluster(environment, store, queue, launcher, scheduler, logger, rpc_set
         scheduler.catch_up()
 
     leadership.on_lead.append(lead)
+    leadership.on_held.append(lambda: queue.lead(True))
     leadership.on_lose.append(lambda: queue.lead(False))
 
     def stop():
@@ -222,9 +224,15 @@ def serve(environment, signals):
     except OSError as exc:
         raise configuration.ConfigError('Error: cannot listen on %s port %s (%s); is another bots-jobqueueserver '
                                         'running?' % (rpc_settings.host, rpc_settings.port, exc.strerror or exc))
-    lock = instance.hold(os.path.join(environment.botssys, 'jobqueue'), 'bots-jobqueueserver', environment.botssys)
-    logger = botslog.init(environment, 'jobqueue')
     launch_settings = checked.launch
+    jobdir = os.path.join(environment.botssys, 'jobqueue')
+    if kind_of_store(environment.ini) == 'database':
+        # Servers of a shared store may share botssys (a network volume): each keeps its own part.
+        jobdir = os.path.join(jobdir, socket.gethostname())
+        launch_settings.outputdir = os.path.join(jobdir, 'output')
+        launch_settings.lockdir = os.path.join(jobdir, 'running')
+    lock = instance.hold(jobdir, 'bots-jobqueueserver', environment.botssys)
+    logger = botslog.init(environment, 'jobqueue')
     server = JobQueueRPCServer(rpc_settings, logger, listener)
     logger.log(botslog.STARTINFO, 'Bots jobqueue started.')
     logger.log(botslog.STARTINFO, 'Bots jobqueue configdir: "%s".', environment.configdir)
@@ -276,7 +284,8 @@ def serve(environment, signals):
         logger.log(botslog.STARTINFO, 'The queue is paused (since %s): no job starts until "bots-jobqueue resume".',
                    time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(store.setting('paused')))))
     scheduler = Scheduler(schedules, store, lambda schedule: admission.add(schedule.task, schedule.priority,
-                                                                          schedule.name), logger)
+                                                                          schedule.name), logger,
+                          may_fire=(lambda: False) if shared else None)     # a standby fires nothing
     service.scheduler = scheduler
     scheduler.metrics = metrics
     if schedules:

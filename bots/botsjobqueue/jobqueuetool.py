@@ -50,8 +50,29 @@ def task_text(task):
     return ' '.join(task)
 
 
+def print_cluster(cluster):
+    """Who leads a shared store, and who stands by."""
+    if cluster.get('error'):
+        print('Shared store: %s' % cluster['error'])
+        return
+    me = cluster.get('server')
+    for server in cluster.get('servers', []):
+        here = ' (this server)' if server['name'] == me else ''
+        if server['leads']:
+            print('Leader: %s at %s%s, since %s (term %s)' % (server['name'], server['address'], here,
+                                                              when(cluster.get('leader_since')), cluster.get('term')))
+    if not cluster.get('leader'):
+        print('Leader: none now (a standby takes over when the last lease has expired)')
+    for server in cluster.get('servers', []):
+        if not server['leads']:
+            print('Standby: %s at %s%s, seen %s' % (server['name'], server['address'],
+                                                  ' (this server)' if server['name'] == me else '', when(server['seen'])))
+
+
 def print_status(answer):
     running, waiting = answer['running'], answer['waiting']
+    if answer.get('cluster'):
+        print_cluster(answer['cluster'])
     if answer.get('stopping'):
         print('The server is %s; new jobs are refused until it runs again.' % answer['stopping'])
     if answer.get('paused'):
@@ -61,8 +82,9 @@ def print_status(answer):
     if running:
         print('  %-6s %-8s %-10s %s' % ('JOB', 'PID', 'FOR', 'TASK'))
         for job in running:
-            print('  %-6s %-8s %-10s %s' % (job['jobnumber'], job['pid'], duration(job['running_for']),
-                                             task_text(job['task'])))
+            print('  %-6s %-8s %-10s %s%s' % (job['jobnumber'], job.get('pid', '-'), duration(job['running_for']),
+                                               task_text(job['task']),
+                                               '  (at %s)' % job['server'] if job.get('server') else ''))
     print('Waiting (%d):' % answer['waiting_count'])
     retry_at = answer.get('retry_at', {})
     if waiting:

@@ -18,8 +18,17 @@ class JobStates:
         self.store = store
 
     def running(self):
-        """The running jobs as dicts (jobnumber, priority, task, pid, started, running_for)."""
-        return self.launcher.status()
+        """The running jobs as dicts (jobnumber, priority, task, pid, started, running_for); of a
+        shared store, those of the other servers too (with their ``server``)."""
+        local = self.launcher.status()
+        if not getattr(self.store, 'shared', False):
+            return local
+        here = {job['jobnumber'] for job in local}
+        try:
+            others = [job for job in self.store.running_elsewhere() if job['jobnumber'] not in here]
+        except OSError:              # the database is away: what runs here is still known
+            others = []
+        return sorted(local + others, key=lambda job: job['jobnumber'])
 
     def show(self, jobnumber):
         """One job as a dict with its ``state`` (waiting, starting, running, finished); {} when unknown."""
@@ -32,6 +41,10 @@ class JobStates:
         record = self.store.finished(jobnumber)
         if record:
             return dict(record, state='finished')
+        if getattr(self.store, 'shared', False):
+            for job in self.store.running_elsewhere():
+                if job['jobnumber'] == jobnumber:
+                    return dict(job, state='running')
         active = self.launcher.get(jobnumber)    # starting, or ended and not recorded yet
         return active.as_dict() if active is not None else {}
 

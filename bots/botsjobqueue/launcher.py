@@ -245,8 +245,9 @@ class Launcher:
             except LeaseLost:
                 self.locks.remove(job.jobnumber)
                 capture.job_ended()
-                self.logger.warning('Job %s did not start: this server no longer leads; it waits for the next '
-                                    'leader.', job.jobnumber)
+                self.logger.warning('Job %s did not start: the lease of this server no longer holds; it waits for '
+                                    'the next leader.', job.jobnumber)
+                self.queue.lead(False)          # until the lease is renewed or taken again
                 self.queue.wait_again(job)
                 return None
             except (OSError, ValueError, subprocess.SubprocessError) as exc:

@@ -159,7 +159,7 @@ class Scheduler:
     MAX_SLEEP = 1.0
     STEP_BACK = 1.0            # seconds the wall clock may seem to go back before it counts as a step
 
-    def __init__(self, schedules, store, fire, logger, clock=time.time):
+    def __init__(self, schedules, store, fire, logger, clock=time.time, may_fire=None):
         self.store = store
         self.fire = fire
         self.logger = logger
@@ -174,7 +174,7 @@ class Scheduler:
         self._heap = []            # (time, name), may hold stale entries
         self._overrun = set()      # schedules whose overrun was logged since their last added job
         self.metrics = None        # observes the lateness of each firing, when the server has metrics
-        self.may_fire = None       # a shared store's standby fires nothing: a function saying whether we lead
+        self.may_fire = may_fire   # a shared store's standby fires nothing: a function saying whether we lead
         self._seen = clock()       # the wall clock at the last look, to notice a step back
         self.replace(schedules, starting=True)
 

@@ -25,14 +25,14 @@ def kind_of_store(ini):
     return 'sqlite' if value.lower() in ('', 'sqlite') else 'database'
 
 
-def file_system(path):
-    """The type of the file system ``path`` is on (Linux: /proc/mounts), or ''."""
+def file_system(path, mounts='/proc/mounts'):
+    """The type of the file system ``path`` is on (Linux: the mount table ``mounts``), or ''."""
     path = os.path.realpath(path)
     while not os.path.exists(path):
         path = os.path.dirname(path)
     best, kind = '', ''
     try:
-        with open('/proc/mounts') as handle:
+        with open(mounts) as handle:
             for line in handle:
                 fields = line.split()
                 if len(fields) < 3:
@@ -45,16 +45,16 @@ def file_system(path):
     return kind
 
 
-def on_network(path):
+def on_network(path, mounts='/proc/mounts'):
     """The network file system type ``path`` lies on, or '' when it is local (or unknown)."""
-    kind = file_system(path)
+    kind = file_system(path, mounts)
     base = kind.split('.')[0]
     return kind if base in NETWORK_FILE_SYSTEMS or base.startswith('fuse') else ''
 
 
-def check_sqlite_place(botssys):
+def check_sqlite_place(botssys, mounts='/proc/mounts'):
     """Refuse (ConfigError, one line) an SQLite store on a network file system."""
-    kind = on_network(botssys)
+    kind = on_network(botssys, mounts)
     if kind:
         raise ConfigError('Error: botssys %s is on a network file system (%s), where SQLite\'s locks are not safe; '
                           'keep the job queue in a database instead: [jobqueue] store = database (Bots\' own '
