@@ -108,11 +108,11 @@ class Leadership:
         while not self._stop.is_set():
             pause = every
             try:
-                self.store.seen(self.address)
                 if self.term is None:
                     pause = self._try_to_lead(every)
                 else:
                     self._renew()
+                self.store.seen(self.address)
                 if self._trouble:
                     self._trouble = False
                     self.logger.log(25, 'The database answers again.')

@@ -311,8 +311,14 @@ class DatabaseStore:
 
     # ---- connections
     def _run(self, work):
+        def counted(cursor):
+            result = work(cursor)
+            meta = getattr(cursor, 'meta', None)
+            if meta is not None and tuple(meta) != cursor.counted:
+                cursor.execute('UPDATE jobqueue_meta SET next_job = %s, seq = %s WHERE id = 1', tuple(meta))
+            return result
         with self._lock:
-            return self._db.transaction(work)
+            return self._db.transaction(counted)
 
     def _create(self):
         """The tables, made by the first server (the others wait for it on a database lock)."""
@@ -342,15 +348,23 @@ class DatabaseStore:
             connection.drop()
 
     def _change(self, cursor, jobnumber, kind):
-        """(In a transaction.)  Lock the queue for this transaction; note a change of job
-        ``jobnumber``.  Returns the job number the next new job would get."""
-        cursor.execute('SELECT next_job, seq FROM jobqueue_meta WHERE id = 1 FOR UPDATE')
-        next_job, seq = cursor.fetchone()
+        """(In a transaction.)  Lock the queue for the rest of the transaction (at the first call);
+        note a change of job ``jobnumber`` (None: only the lock).  Returns the job number the next
+        new job would get.  The counters are written back once, at the end (``_run``)."""
+        meta = getattr(cursor, 'meta', None)
+        if meta is None:
+            cursor.execute('SELECT next_job, seq FROM jobqueue_meta WHERE id = 1 FOR UPDATE')
+            meta = cursor.meta = list(cursor.fetchone())
+            cursor.counted = tuple(meta)
         if jobnumber is not None:
-            cursor.execute('INSERT INTO jobqueue_change VALUES (%s, %s, %s, %s)', (seq + 1, jobnumber, kind,
-                                                                                  self.name))
-            cursor.execute('UPDATE jobqueue_meta SET seq = %s WHERE id = 1', (seq + 1,))
-        return next_job
+            meta[1] += 1
+            cursor.execute('INSERT INTO jobqueue_change VALUES (%s, %s, %s, %s)', (meta[1], jobnumber, kind, self.name))
+        return meta[0]
+
+    def _new_jobnumber(self, cursor):
+        """(In a transaction, the queue locked.)  The number of a new job."""
+        cursor.meta[0] += 1
+        return cursor.meta[0] - 1
 
     # ---- start-up
     def load(self):
@@ -372,7 +386,7 @@ class DatabaseStore:
         text = json.dumps(list(task))
 
         def admit(cursor):
-            next_job = self._change(cursor, None, None)
+            self._change(cursor, None, None)
             cursor.execute("SELECT jobnumber, priority, task FROM jobqueue_job WHERE task_key = %s AND "
                            "state != 'running'", (key,))
             for jobnumber, stored, stored_task in cursor.fetchall():
@@ -383,12 +397,12 @@ class DatabaseStore:
                 cursor.execute('UPDATE jobqueue_job SET priority = %s WHERE jobnumber = %s', (priority, jobnumber))
                 self._change(cursor, jobnumber, 'priority')
                 return True, jobnumber, stored
+            jobnumber = self._new_jobnumber(cursor)
             cursor.execute("INSERT INTO jobqueue_job (jobnumber, priority, task, task_key, state, requeued, locked, "
                            "added) VALUES (%s, %s, %s, %s, 'waiting', 0, 0, %s)",
-                           (next_job, priority, text, key, time.time()))
-            cursor.execute('UPDATE jobqueue_meta SET next_job = %s WHERE id = 1', (next_job + 1,))
-            self._change(cursor, next_job, 'add')
-            return True, next_job, None
+                           (jobnumber, priority, text, key, time.time()))
+            self._change(cursor, jobnumber, 'add')
+            return True, jobnumber, None
         return self._run(admit)
 
     def oldest_waiting(self):
@@ -439,8 +453,8 @@ class DatabaseStore:
         self.clear()
 
     def wait_again(self, jobnumber, not_before=None, requeued=None, locked=None):
-        """Put a job back among the waiting ones; a job running at another server (this one lost
-        the lease meanwhile, and the next leader has it) is left alone."""
+        """Put a job back among the waiting ones; False when it is not ours to put back: it runs at
+        another server (this one lost the lease meanwhile, and the next leader has it), or is gone."""
         state = 'waiting' if not_before is None else 'delayed'
 
         def update(cursor):
@@ -450,7 +464,8 @@ class DatabaseStore:
                            "relay_pid = NULL, output = NULL, server = NULL WHERE jobnumber = %s AND "
                            "(state != 'running' OR server = %s)",
                            (state, not_before, requeued, locked, jobnumber, self.name))
-        self._run(update)
+            return cursor.rowcount == 1
+        return self._run(update)
 
     def add_attempt(self, jobnumber, started, ended, exitcode):
         def insert(cursor):
@@ -577,6 +592,7 @@ class DatabaseStore:
         cursor.execute('DELETE FROM jobqueue_job WHERE jobnumber = %s AND server = %s', (job.jobnumber, self.name))
         if cursor.rowcount != 1:
             return
+        self._change(cursor, job.jobnumber, 'done')       # a copy another server still shows goes
         cursor.execute(self.dialect.upsert('jobqueue_history', 'jobnumber',
                                            ('priority', 'task', 'started', 'ended', 'exitcode', 'status', 'output',
                                             'server')),
@@ -645,8 +661,9 @@ class DatabaseStore:
                 raise ChangesLost()
             if seq == after:
                 return seq, [], {}
+            # Only the others' changes: this server's own are in its queue already.
             cursor.execute('SELECT seq, jobnumber, kind, origin FROM jobqueue_change WHERE seq > %s AND seq <= %s '
-                           'ORDER BY seq', (after, seq))
+                           'AND origin != %s ORDER BY seq', (after, seq, self.name))
             changes = [row[1:] for row in cursor.fetchall()]
             numbers = sorted({row[0] for row in changes if row[1] not in ('clear', 'pause')})
             rows = {}

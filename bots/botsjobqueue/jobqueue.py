@@ -302,11 +302,18 @@ class JobQueue:
             self._bytes += task_size(job.task)
             # Rare (a shutdown, a locked engine database): worth a short wait for a busy store.
             if delay > 0:
-                patiently(self._store.wait_again, job.jobnumber, time.time() + delay, job.requeued, job.locked,
-                          patience=5)
+                stored = patiently(self._store.wait_again, job.jobnumber, time.time() + delay, job.requeued,
+                                   job.locked, patience=5)
+            else:
+                stored = patiently(self._store.wait_again, job.jobnumber, None, job.requeued, job.locked, patience=5)
+            if stored is False:
+                # A shared store's job that another server runs now (this one lost the lease): not ours.
+                del self._by_task[job.task]
+                self._bytes -= task_size(job.task)
+                return job
+            if delay > 0:
                 self._delay(job, delay)
             else:
-                patiently(self._store.wait_again, job.jobnumber, None, job.requeued, job.locked, patience=5)
                 self._waiting[job.jobnumber] = job
                 heapq.heappush(self._heap, (job.priority, job.jobnumber))
                 self._changed.notify()

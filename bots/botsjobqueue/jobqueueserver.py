@@ -20,6 +20,7 @@ from .jobstates import JobStates
 from .launcher import Launcher, LaunchSettings
 from .metrics import Metrics
 from .report import Reporter, read_mail_settings
+from .httphead import SecretRule
 from .rpcserver import JobQueueRPCServer, RPCSettings, listen
 from .rpcservice import JobQueueService
 from .schedule import Scheduler, read_schedules
@@ -88,7 +89,8 @@ def restore_queue(store, queue, launcher, logger):
 
 RESTART_ONLY = (('jobqueue', 'host'), ('jobqueue', 'port'), ('directories', 'botssys'), ('jobqueue', 'nr_threads'),
                 ('jobqueue', 'output_limit'), ('jobqueue', 'log_file_level'), ('jobqueue', 'log_console_level'),
-                ('jobqueue', 'log_file_number'), ('jobqueue', 'log_console'))
+                ('jobqueue', 'log_file_number'), ('jobqueue', 'log_console'), ('jobqueue', 'store'),
+                ('jobqueue', 'lease_ttl'), ('jobqueue', 'lease_margin'), ('jobqueue', 'fence_grace'))
 
 
 def reload(parts):
@@ -110,6 +112,7 @@ def reload(parts):
     for name in ('nr_threads', 'output_limit', 'outputdir', 'lockdir'):
         setattr(launch_settings, name, getattr(parts.launcher.settings, name))
     parts.server.settings = rpc_settings
+    parts.server.secrets = SecretRule(rpc_settings.secret, rpc_settings.require_secret)
     parts.service.reconfigure(rpc_settings, authorizer)
     parts.launcher.settings = launch_settings
     parts.launcher.authorizer = authorizer
