@@ -229,20 +229,31 @@ class Connection:
         connection.commit()
         return connection
 
-    def transaction(self, work):
+    def transaction(self, work, autocommit=False):
         """``work(cursor)`` in one transaction, committed; its result.  StoreUnreachable when the
         database fails (the transaction is rolled back, the connection dropped).
 
         A connection that was lost while it was idle (the database ended the session, or
         restarted) fails at the first statement, before anything is done: that one case is tried
         again at once on a new connection.  A failure later in a transaction is not retried - a
-        commit whose answer was lost may have happened."""
+        commit whose answer was lost may have happened.
+
+        ``autocommit``: ``work`` is one statement, its own transaction (one round trip).
+        """
         for attempt in (1, 2):
             reused = self._raw is not None
             cursor = None
             try:
                 if self._raw is None:
                     self._raw = self._open()
+                if autocommit:
+                    self._raw.autocommit = True
+                    try:
+                        cursor = _Counting(self._raw.cursor())
+                        return work(cursor)
+                    finally:
+                        if self._raw is not None:
+                            self._raw.autocommit = False
                 cursor = _Counting(self._raw.cursor())
                 result = work(cursor)
                 self._raw.commit()
@@ -300,7 +311,8 @@ class DatabaseStore:
         # container restarted under the same name and pid (1) is another server.
         self.name = name or '%s:%d:%s' % (socket.gethostname(), os.getpid(), os.urandom(3).hex())
         self.url = safe_url(kind, arguments)
-        self._finished = 0
+        self._finished = 0           # jobs recorded as finished by this server
+        self._trimmed = 0            # ... when the history was last trimmed
         self._lock = threading.Lock()
         self._db = Connection(kind, arguments, 'bots-jobqueue %s' % self.name, timeout)
         self._lease_db = Connection(kind, arguments, 'bots-jobqueue lease %s' % self.name, timeout)
@@ -523,6 +535,9 @@ class DatabaseStore:
     def take(self, jobnumber, done=None, runner=None):
         """Mark a waiting job running here (and move the ended job ``done`` to the history, in the
         same transaction); False when it no longer waits (removed at another server)."""
+        if self.kind == 'postgresql':
+            return self._take_in_one(jobnumber, done, runner)
+
         def take(cursor):
             self._change(cursor, jobnumber, 'running')
             if done is not None:
@@ -532,6 +547,42 @@ class DatabaseStore:
             return cursor.rowcount == 1
         return self._run(take)
 
+    def _take_in_one(self, jobnumber, done, runner):
+        """``take`` on PostgreSQL: one statement, its own transaction - the step between two jobs
+        costs one round trip and one commit.  The queue's row is locked by its UPDATE (the change
+        numbers stay in commit order); a job that ended is recorded only if its row is still ours."""
+        values = dict(job=jobnumber, me=self.name, now=time.time(), runner=runner, n=1 if done is None else 2)
+        recorded = ''
+        if done is not None:
+            values.update(done=done.job.jobnumber, priority=done.job.priority, task=json.dumps(list(done.job.task)),
+                          started=done.started, ended=done.ended, exitcode=done.exitcode, status=done.status)
+            recorded = (""", d AS (DELETE FROM jobqueue_job WHERE jobnumber = %(done)s AND server = %(me)s
+                                  RETURNING jobnumber),
+                          h AS (INSERT INTO jobqueue_history (jobnumber, priority, task, started, ended, exitcode,
+                                                              status, output, server)
+                                SELECT jobnumber, %(priority)s, %(task)s, %(started)s, %(ended)s, %(exitcode)s,
+                                       %(status)s, '', %(me)s FROM d
+                                ON CONFLICT (jobnumber) DO UPDATE SET priority = EXCLUDED.priority,
+                                    task = EXCLUDED.task, started = EXCLUDED.started, ended = EXCLUDED.ended,
+                                    exitcode = EXCLUDED.exitcode, status = EXCLUDED.status, output = '',
+                                    server = EXCLUDED.server),
+                          e AS (INSERT INTO jobqueue_change (seq, jobnumber, kind, origin)
+                                SELECT m.seq, %(done)s, 'done', %(me)s FROM m, d)""")
+            self._finished += 1
+        statement = ("""WITH m AS (UPDATE jobqueue_meta SET seq = seq + %(n)s WHERE id = 1 RETURNING seq),
+                          c AS (INSERT INTO jobqueue_change (seq, jobnumber, kind, origin)
+                                SELECT seq - %(n)s + 1, %(job)s, 'running', %(me)s FROM m),
+                          j AS (UPDATE jobqueue_job SET state = 'running', started = %(now)s, runner = %(runner)s,
+                                                        server = %(me)s
+                                WHERE jobnumber = %(job)s AND state = 'waiting' RETURNING jobnumber)"""
+                     + recorded + ' SELECT count(*) FROM j')
+
+        def take(cursor):
+            cursor.execute(statement, values)
+            return cursor.fetchone()[0] == 1
+        with self._lock:
+            return self._db.transaction(take, autocommit=True)
+
     def set_running(self, jobnumber, done=None, runner=None):
         if not self.take(jobnumber, done, runner):
             raise Gone(jobnumber)
@@ -540,9 +591,12 @@ class DatabaseStore:
         self.finish(done.job, done.started, done.ended, done.exitcode, done.status, '')
 
     def set_process(self, jobnumber, pid, pid_start, relay_pid, output):
-        self._run(lambda cursor: cursor.execute(
-            'UPDATE jobqueue_job SET pid = %s, pid_start = %s, relay_pid = %s, output = %s WHERE jobnumber = %s '
-            'AND server = %s', (pid, pid_start, relay_pid, output, jobnumber, self.name)))
+        def update(cursor):
+            cursor.execute('UPDATE jobqueue_job SET pid = %s, pid_start = %s, relay_pid = %s, output = %s WHERE '
+                           'jobnumber = %s AND server = %s', (pid, pid_start, relay_pid, output, jobnumber, self.name))
+            if self._finished >= self._trimmed + 50:       # the job has started: time for the trimming
+                self._trim(cursor)
+        self._run(update)
 
     def running_elsewhere(self):
         """The jobs stored as running at other servers, as ``status`` shows them."""
@@ -599,20 +653,25 @@ class DatabaseStore:
                        (job.jobnumber, job.priority, json.dumps(list(job.task)), started, ended, exitcode, status,
                         output, self.name))
         self._finished += 1
-        if self._finished % 50 == 0:
-            cursor.execute('SELECT jobnumber FROM jobqueue_history ORDER BY jobnumber DESC LIMIT 1 OFFSET %s',
-                           (self.history_size,))
-            row = cursor.fetchone()
-            if row:
-                cursor.execute('DELETE FROM jobqueue_history WHERE jobnumber <= %s', (row[0],))
-                cursor.execute('DELETE FROM jobqueue_attempt WHERE jobnumber <= %s', (row[0],))
-                cursor.execute('DELETE FROM jobqueue_scheduled WHERE jobnumber <= %s', (row[0],))
-            cursor.execute('SELECT seq FROM jobqueue_meta WHERE id = 1')
-            seq = cursor.fetchone()[0]
-            if seq > CHANGES_KEPT:
-                cursor.execute('DELETE FROM jobqueue_change WHERE seq <= %s', (seq - CHANGES_KEPT,))
-                cursor.execute('UPDATE jobqueue_meta SET trimmed = %s WHERE id = 1 AND trimmed < %s',
-                               (seq - CHANGES_KEPT, seq - CHANGES_KEPT))
+        if self._finished >= self._trimmed + 50:
+            self._trim(cursor)
+
+    def _trim(self, cursor):
+        """(In a transaction.)  Keep ``history_size`` finished jobs, and the newest change rows."""
+        self._trimmed = self._finished
+        cursor.execute('SELECT jobnumber FROM jobqueue_history ORDER BY jobnumber DESC LIMIT 1 OFFSET %s',
+                       (self.history_size,))
+        row = cursor.fetchone()
+        if row:
+            cursor.execute('DELETE FROM jobqueue_history WHERE jobnumber <= %s', (row[0],))
+            cursor.execute('DELETE FROM jobqueue_attempt WHERE jobnumber <= %s', (row[0],))
+            cursor.execute('DELETE FROM jobqueue_scheduled WHERE jobnumber <= %s', (row[0],))
+        cursor.execute('SELECT seq FROM jobqueue_meta WHERE id = 1')
+        seq = cursor.fetchone()[0]
+        if seq > CHANGES_KEPT:
+            cursor.execute('DELETE FROM jobqueue_change WHERE seq <= %s', (seq - CHANGES_KEPT,))
+            cursor.execute('UPDATE jobqueue_meta SET trimmed = %s WHERE id = 1 AND trimmed < %s',
+                           (seq - CHANGES_KEPT, seq - CHANGES_KEPT))
 
     def history(self, limit=20, with_output=True):
         columns = HISTORY_COLUMNS if with_output else HISTORY_COLUMNS[:-1]
