@@ -13,8 +13,9 @@ goes on while the server is stopped).  The fence
 * at that moment sends SIGTERM to the process group of each job it started, and SIGKILL
   ``fence_grace`` seconds later - before the lease can expire in the database (see
   ``cluster.py`` for the margins);
-* reports each job's end (``exit``, with whether it was fenced) to the server, which records
-  it as for a job it had started itself;
+* reports each job's end (its exit code, and whether it was fenced) on a pipe of the job's
+  own that the runner waiting for it reads; the server records it as for a job it had started
+  itself;
 * outlives a server that died (its jobs are still fenced at the same moment) and ends once it
   has no job left.
 
@@ -103,19 +104,25 @@ class FenceProcess:
                 return
             try:
                 popen = subprocess.Popen(message['run'], stdin=subprocess.DEVNULL, stdout=fds[0], stderr=fds[0],
-                                         close_fds=True, pass_fds=tuple(fds[1:]), start_new_session=True)
+                                         close_fds=True, pass_fds=tuple(fds[2:]), start_new_session=True)
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
                 self.send({'failed': jobnumber, 'error': str(exc)})
                 return
             self.children[popen.pid] = [jobnumber, popen, 0]
+        ended = os.dup(fds[1])            # the received descriptors are closed after this message
+        threading.Thread(target=self._wait, args=(popen, ended), daemon=True).start()
         self.send({'started': jobnumber, 'pid': popen.pid})
-        threading.Thread(target=self._wait, args=(popen,), daemon=True).start()
 
-    def _wait(self, popen):
+    def _wait(self, popen, ended):
+        """Wait for the job; its end goes straight to the runner that waits for it, on its own pipe."""
         code = popen.wait()
         with self._lock:
-            jobnumber, _, sent = self.children.pop(popen.pid)
-        self.send({'exit': jobnumber, 'code': code, 'fenced': bool(sent)})
+            _, _, sent = self.children.pop(popen.pid)
+        try:
+            os.write(ended, b'%d %d' % (code, bool(sent)))
+        except OSError:
+            pass                            # the server is gone
+        os.close(ended)
 
     def _fence(self, now):
         """(With the lock held.)  End every job once the lease is past its time."""
@@ -144,22 +151,30 @@ def main():
 
 # ---- the server's side
 class FencedChild:
-    """A job started by the fence: its pid, and its exit code once the fence reports it."""
+    """A job started by the fence: its pid, and its exit code once the fence writes it on the job's
+    own pipe (read by the runner that waits for it: no thread between)."""
 
-    def __init__(self, pid):
+    def __init__(self, pid, ended):
         self.pid = pid
         self.code = None
         self.fenced = False
-        self._ended = threading.Event()
+        self._ended = ended          # the read end of the job's pipe
 
     def wait(self):
-        self._ended.wait()
+        """Block until the job has ended; its exit code (None when the fence itself is gone)."""
+        chunks = []
+        while True:
+            chunk = os.read(self._ended, 64)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(self._ended)
+        words = b''.join(chunks).split()
+        if len(words) == 2:
+            self.code, self.fenced = int(words[0]), words[1] == b'1'
+        else:
+            self.fenced = True        # the fence ended (it never does while it has jobs and we live)
         return self.code
-
-    def ended(self, code, fenced):
-        self.code = code
-        self.fenced = fenced
-        self._ended.set()
 
 
 class Fence:
@@ -176,7 +191,6 @@ class Fence:
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._answers = {}          # jobnumber -> [Event, answer]
-        self._children = {}         # jobnumber -> FencedChild
         threading.Thread(target=self._read, name='fence', daemon=True).start()
 
     def _send(self, message, fds=()):
@@ -192,15 +206,22 @@ class Fence:
         waiter = [threading.Event(), None]
         with self._lock:
             self._answers[jobnumber] = waiter
-        self._send({'run': list(command), 'job': jobnumber}, [output] + ([lock] if lock is not None else []))
+        ended, ended_there = os.pipe()
+        try:
+            self._send({'run': list(command), 'job': jobnumber},
+                       [output, ended_there] + ([lock] if lock is not None else []))
+        finally:
+            os.close(ended_there)
         if not waiter[0].wait(30):
+            os.close(ended)
             raise OSError('the fence does not answer')
         answer = waiter[1]
-        if 'refused' in answer:
-            raise LeaseLost()
-        if 'failed' in answer:
+        if 'started' not in answer:
+            os.close(ended)
+            if 'refused' in answer:
+                raise LeaseLost()
             raise OSError(answer['error'])
-        return self._children[jobnumber]
+        return FencedChild(answer['pid'], ended)
 
     def _read(self):
         while True:
@@ -211,22 +232,13 @@ class Fence:
             if not data:
                 break
             message = json.loads(data)
-            if 'exit' in message:
-                child = self._children.pop(message['exit'], None)
-                if child is not None:
-                    child.ended(message['code'], message['fenced'])
-                continue
             jobnumber = message.get('started', message.get('refused', message.get('failed')))
             with self._lock:
                 waiter = self._answers.pop(jobnumber, None)
-            if 'started' in message:
-                self._children[jobnumber] = FencedChild(message['pid'])
             if waiter is not None:
                 waiter[1] = message
                 waiter[0].set()
-        # The fence is gone (it never ends while it has jobs and we live): no end will be told.
-        for child in list(self._children.values()):
-            child.ended(None, True)
+        # The fence is gone (it never ends while it has jobs and we live): the jobs' pipes say so.
         with self._lock:
             for waiter in self._answers.values():
                 waiter[1] = {'failed': None, 'error': 'the fence ended'}
