@@ -318,6 +318,18 @@ def _fault_loop(cluster, name, fault, cycles, undo, prepare=None):
     return counts
 
 
+def _kill_and_restart(cluster, cycles=2):
+    """``(fault, cycles, undo)`` of kill -9: the leader killed, then started again (to stand by)."""
+    def fault(leader):
+        cluster.servers[leader].server.kill()
+        return True
+
+    def undo(leader):
+        cluster.servers[leader].server.wait()
+        cluster.start(leader)
+    return fault, cycles, undo
+
+
 def _servers(url, cluster_of, count=2):
     cluster = cluster_of(url, count)
     cluster.start(0)
@@ -332,15 +344,7 @@ def test_leader_killed(database, cluster_of):
     """kill -9 of the leader: its fence ends its job before the lease expires; a standby takes over."""
     _, url = database
     cluster = _servers(url, cluster_of)
-
-    def fault(leader):
-        cluster.servers[leader].server.kill()
-        return True
-
-    def undo(leader):
-        cluster.servers[leader].server.wait()
-        cluster.start(leader)
-    counts = _fault_loop(cluster, 'kill', fault, 2, undo)
+    counts = _fault_loop(cluster, 'kill', *_kill_and_restart(cluster))
     print('kill -9 of the leader (%s): %s' % (database[0].kind, counts))
     assert counts['overlaps'] == 0 and counts['lost'] == 0
     assert max(counts['takeover']) <= TTL + MARGIN + 5
@@ -441,15 +445,7 @@ def test_clocks_apart(postgres, cluster_of):
     cluster.start(0)
     assert cluster.leader() == 0
     cluster.start(1)
-
-    def fault(leader):
-        cluster.servers[leader].server.kill()
-        return True
-
-    def undo(leader):
-        cluster.servers[leader].server.wait()
-        cluster.start(leader)
-    counts = _fault_loop(cluster, 'clocks', fault, 2, undo)
+    counts = _fault_loop(cluster, 'clocks', *_kill_and_restart(cluster))
     print('clocks apart, kill -9 of the leader (postgresql): %s' % counts)
     assert counts['overlaps'] == 0 and counts['lost'] == 0
     assert max(counts['takeover']) <= TTL + MARGIN + 5
