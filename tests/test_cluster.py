@@ -268,7 +268,8 @@ def test_store_of_settings_py_and_wrong_stores(database, environment):
     engine = 'django.db.backends.postgresql' if server.kind == 'postgresql' else 'django.db.backends.mysql'
     with open(os.path.join(environment.configdir, 'settings.py'), 'w') as handle:
         handle.write("DATABASES = {'default': {'ENGINE': '%s', 'NAME': '%s', 'USER': '%s', 'PASSWORD': '%s', "
-                     "'HOST': '127.0.0.1', 'PORT': '%d'}}\n" % (engine, name, server.user, server.password, server.port))
+                     "'HOST': '127.0.0.1', 'PORT': '%d'}}\n"
+                     % (engine, name, server.user, server.password, server.port))
     environment.write_ini(jobqueue='store = database')
     environment.start_server()
     assert 'keeps its queue in the database %s://bots@127.0.0.1:%d/%s' % (server.kind, server.port, name) \

@@ -26,7 +26,8 @@ package, under names Bots does not use.  Where a job goes, in order:
 - ``outputs``         what a job printed: the output keeper's client and the capture kinds
 - ``capture``         the output keeper process itself
 - ``ends``            after a job: its log line, its output in the history, a report
-- ``jobstates``       where a job is (launcher, queue or store), asked in one place
+- ``jobstates``       where a job is (launcher, queue or store), asked in one place; what a
+                      starting (``Starting``) and a running job (``RunningJob``) are
 - ``timers``          one timer facility: maxruntime, delayed jobs, the scheduler's wake-ups
 - ``schedule``        ``[scheduleN]`` sections fired by the server
 - ``codes``           the numbers that cross borders: addjob's answers, the engine's exit codes

@@ -23,6 +23,11 @@ The interface is ``store.Store``'s, plus the methods a shared queue needs (``adm
 reached raises ``StoreUnreachable`` (an OSError, which every caller of the store already
 handles as a store that fails: the runners wait and try again, an add is refused with why);
 the connection is opened again at the next call.
+
+This module is long (some 800 lines, a hundred of them the schema) because it is the one place
+that speaks SQL to a database server: ``store.Store``'s interface in two dialects, the shared
+queue's statements and the lease's.  Each statement stays beside the transaction that gives it
+its meaning (which row is locked, what a row count tells); split apart, the reasoning would be.
 """
 import hashlib
 import json

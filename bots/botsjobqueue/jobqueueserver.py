@@ -15,12 +15,12 @@ import types
 from . import botslog, configuration, instance
 from .admission import Admission
 from .authorize import Authorizer
+from .httphead import SecretRule
 from .jobqueue import Job, JobQueue, canonical_task
 from .jobstates import JobStates
 from .launcher import Launcher, LaunchSettings
 from .metrics import Metrics
 from .report import Reporter, read_mail_settings
-from .httphead import SecretRule
 from .rpcserver import JobQueueRPCServer, RPCSettings, listen
 from .rpcservice import JobQueueService
 from .schedule import Scheduler, read_schedules

@@ -65,8 +65,8 @@ def print_cluster(cluster):
         print('Leader: none now (a standby takes over when the last lease has expired)')
     for server in cluster.get('servers', []):
         if not server['leads']:
-            print('Standby: %s at %s%s, seen %s' % (server['name'], server['address'],
-                                                  ' (this server)' if server['name'] == me else '', when(server['seen'])))
+            here = ' (this server)' if server['name'] == me else ''
+            print('Standby: %s at %s%s, seen %s' % (server['name'], server['address'], here, when(server['seen'])))
 
 
 def print_status(answer):

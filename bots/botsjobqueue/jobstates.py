@@ -6,7 +6,56 @@ order asked here): the launcher while it starts, runs, or has ended and is
 not yet recorded (``launcher.active``); the queue while it waits (or waits
 to be queued again); the store once it has finished.  Between the last two
 steps - recorded, output still to come - the store's record is the answer.
+The launcher's two states of a job, ``Starting`` and ``RunningJob``, are here too.
 """
+import time
+
+
+class Starting:
+    """A job taken from the queue whose process is being started."""
+
+    state = 'starting'
+
+    def __init__(self, job):
+        self.job = job
+
+    def as_dict(self):
+        return {'state': self.state, 'jobnumber': self.job.jobnumber, 'priority': self.job.priority,
+                'task': list(self.job.task)}
+
+
+class RunningJob:
+    """A job that runs now, started here or adopted after a restart: its process (a
+    ``processes.Child`` or ``Orphan``), its output's capture, its timers, its runner."""
+
+    state = 'running'
+
+    def __init__(self, job, process, started, capture, runner, command=None):
+        self.job = job
+        self.process = process
+        self.pid = process.pid
+        self.started = started
+        self.capture = capture
+        self.runner = runner
+        self.command = command or list(job.task)      # what was started for it (the configured paths)
+        self.timed_out = False
+        self.stopped_by_shutdown = False
+        self.timers = []
+        # Durations come from the monotonic clock: a wall clock stepped meanwhile changes none.
+        self._since = time.monotonic() - max(0.0, time.time() - started)
+
+    def duration(self):
+        return time.monotonic() - self._since
+
+    def ended(self):
+        """When it ended, as wall time: its start plus how long it ran."""
+        return self.started + self.duration()
+
+    def as_dict(self):
+        return {'jobnumber': self.job.jobnumber, 'priority': self.job.priority,
+                'task': list(self.job.task), 'pid': self.pid, 'started': self.started,
+                'running_for': self.duration()}
+
 
 
 class JobStates:

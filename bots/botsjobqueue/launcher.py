@@ -32,6 +32,7 @@ from . import codes
 from .ends import Ended, Recorder
 from .fence import LeaseLost
 from .jobqueue import Job, canonical_task
+from .jobstates import RunningJob, Starting
 from .outputs import LIVE, Outputs, read_tail
 from .processes import KILL, Child, Orphan, is_alive, process_start_time, run_locks, signal_group
 from .runner import TRACE, Runner
@@ -59,52 +60,6 @@ class LaunchSettings:
         self.locked_report_after = ini.getint('jobqueue', 'locked_report_after', 3)
         self.outputdir = os.path.join(environment.botssys, 'jobqueue', 'output')
         self.lockdir = os.path.join(environment.botssys, 'jobqueue', 'running')
-
-
-class Starting:
-    """A job taken from the queue whose process is being started."""
-
-    state = 'starting'
-
-    def __init__(self, job):
-        self.job = job
-
-    def as_dict(self):
-        return {'state': self.state, 'jobnumber': self.job.jobnumber, 'priority': self.job.priority,
-                'task': list(self.job.task)}
-
-
-class RunningJob:
-    """A job that runs now, started here or adopted after a restart: its process (a
-    ``processes.Child`` or ``Orphan``), its output's capture, its timers, its runner."""
-
-    state = 'running'
-
-    def __init__(self, job, process, started, capture, runner, command=None):
-        self.job = job
-        self.process = process
-        self.pid = process.pid
-        self.started = started
-        self.capture = capture
-        self.runner = runner
-        self.command = command or list(job.task)      # what was started for it (the configured paths)
-        self.timed_out = False
-        self.stopped_by_shutdown = False
-        self.timers = []
-        # Durations come from the monotonic clock: a wall clock stepped meanwhile changes none.
-        self._since = time.monotonic() - max(0.0, time.time() - started)
-
-    def duration(self):
-        return time.monotonic() - self._since
-
-    def ended(self):
-        """When it ended, as wall time: its start plus how long it ran."""
-        return self.started + self.duration()
-
-    def as_dict(self):
-        return {'jobnumber': self.job.jobnumber, 'priority': self.job.priority,
-                'task': list(self.job.task), 'pid': self.pid, 'started': self.started,
-                'running_for': self.duration()}
 
 
 class Launcher:
@@ -248,7 +203,7 @@ class Launcher:
                 self.logger.warning('Job %s did not start: the lease of this server no longer holds; it waits for '
                                     'the next leader.', job.jobnumber)
                 self.queue.lead(False)          # until the lease is renewed or taken again
-                self.queue.wait_again(job)
+                self._back_to_queue(job)
                 return None
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
                 self.locks.remove(job.jobnumber)
@@ -343,6 +298,15 @@ class Launcher:
             signal_group(running.pid, signal.SIGTERM)
             running.timers.append(self.timers.add(self.settings.kill_grace, signal_group, running.pid, KILL))
 
+    def _back_to_queue(self, job):
+        """Queue a job again that was cut off here.  Should the store fail, its row still says
+        running: the next start (or a shared store's next leader) queues it again."""
+        try:
+            self.queue.wait_again(job)
+        except (sqlite3.Error, OSError, StoreBusy) as exc:
+            self.logger.error('Job %s could not be queued again now (%s); the next start (or leader) does it.',
+                              job.jobnumber, exc)
+
     def _cannot_start(self, job, started, reason):
         self.logger.error('Error starting job %s: %s\n    task: %s', job.jobnumber, reason, list(job.task))
         self.reporter.report('[Bots Job Queue] - Error starting job',
@@ -359,21 +323,13 @@ class Launcher:
         """
         job = running.job
         end = Ended(running, exitcode)
-        if running.process.fenced:
-            # Ended by the fence as this server's lease ran out: it runs again, at the next leader.
+        if running.process.fenced or running.stopped_by_shutdown or (self._stopping and
+                                                                     exitcode in SHUTDOWN_EXITCODES):
+            # Stopped by the shutdown, or by the fence as this server's lease ran out: it runs again.
             end.stopped = True
             self.recorder.log_ends([end])
             job.requeued += 1
-            try:
-                self.queue.wait_again(job)
-            except (OSError, StoreBusy) as exc:      # the next leader queues it again from its row
-                self.logger.error('Job %s could not be queued again here (%s); the next leader does it.',
-                                  job.jobnumber, exc)
-        elif running.stopped_by_shutdown or (self._stopping and exitcode in SHUTDOWN_EXITCODES):
-            end.stopped = True
-            self.recorder.log_ends([end])
-            job.requeued += 1
-            self.queue.wait_again(job)
+            self._back_to_queue(job)
         elif exitcode == codes.ENGINE_DATABASE_LOCKED and self.authorizer.is_engine(job.task):
             end.level = logging.WARNING        # not lost: it runs again
             self.recorder.log_ends([end])
