@@ -450,3 +450,27 @@ def test_clocks_apart(postgres, cluster_of):
     print('clocks apart, kill -9 of the leader (postgresql): %s' % counts)
     assert counts['overlaps'] == 0 and counts['lost'] == 0
     assert max(counts['takeover']) <= TTL + MARGIN + 5
+
+
+@pytest.mark.timeout(120)
+def test_fence_killed(postgres, cluster_of):
+    """kill -9 of the leader's fence while its job runs: nothing would end that job in time any more,
+    so the server ends it and waits for it before the next start; it runs again, a new fence starts,
+    and no two engines ever run at once."""
+    name = 'queue%d' % next(_numbers)
+    postgres.sql('CREATE DATABASE %s' % name, database='postgres')
+    cluster = cluster_of(postgres.url.rsplit('/', 1)[0] + '/' + name, 1)
+    env = cluster.start(0)
+    assert cluster.leader() == 0
+    assert cluster.add(0, cluster.engine('--tag=long', '--sleep=4')) == 0
+    assert cluster.add(0, cluster.engine('--tag=next', '--sleep=0.2')) == 0
+    wait_until(lambda: cluster.runs('start'), message='the long job')
+    job = cluster.runs('start')[0]['pid']
+    fence = int(open('/proc/%d/stat' % job).read().rsplit(')', 1)[1].split()[1])      # the job's parent
+    assert 'bots.botsjobqueue.fence' in open('/proc/%d/cmdline' % fence).read()
+    os.kill(fence, signal.SIGKILL)
+    wait_until(lambda: {'long', 'next'} <= {tag_of(entry) for entry in cluster.runs('end')}, timeout=60,
+               message='the long job again, and the next one')
+    assert cluster.overlaps() == []
+    assert [tag_of(entry) for entry in cluster.runs('start')] == ['long', 'long', 'next']   # it kept its place
+    wait_until(lambda: 'A new fence starts' in env.log(), message='a new fence')

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 
-KILL = signal.SIGKILL if hasattr(signal, 'SIGKILL') else signal.SIGTERM
+from .processes import KILL, process_start_time, signal_group, wait_for_pid
 
 
 class LeaseLost(Exception):
@@ -159,6 +159,7 @@ class FencedChild:
         self.code = None
         self.fenced = False
         self._ended = ended          # the read end of the job's pipe
+        self._start_time = process_start_time(pid)
 
     def wait(self):
         """Block until the job has ended; its exit code (None when the fence itself is gone)."""
@@ -173,7 +174,11 @@ class FencedChild:
         if len(words) == 2:
             self.code, self.fenced = int(words[0]), words[1] == b'1'
         else:
-            self.fenced = True        # the fence ended (it never does while it has jobs and we live)
+            # The fence was killed: nothing would end this job in time any more.  It is ended
+            # here, and waited for, before another can start; it runs again.
+            signal_group(self.pid, KILL)
+            wait_for_pid(self.pid, self._start_time)
+            self.fenced = True
         return self.code
 
 
@@ -182,23 +187,33 @@ class Fence:
 
     def __init__(self, logger):
         self.logger = logger
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._answers = {}          # jobnumber -> [Event, answer]
+        self._start()
+
+    def _start(self):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.process = subprocess.Popen([sys.executable, '-m', 'bots.botsjobqueue.fence', str(theirs.fileno())],
                                         pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                                         start_new_session=True)
         theirs.close()
         self.sock = ours
-        self._send_lock = threading.Lock()
-        self._lock = threading.Lock()
-        self._answers = {}          # jobnumber -> [Event, answer]
-        threading.Thread(target=self._read, name='fence', daemon=True).start()
+        threading.Thread(target=self._read, args=(ours,), name='fence', daemon=True).start()
 
     def _send(self, message, fds=()):
         with self._send_lock:
             socket.send_fds(self.sock, [json.dumps(message).encode()], list(fds))
 
     def hold(self, term_at, kill_at):
-        """The lease holds: jobs may run until ``term_at`` (monotonic), SIGKILL at ``kill_at``."""
+        """The lease holds: jobs may run until ``term_at`` (monotonic), SIGKILL at ``kill_at``.
+        A fence that was killed is started again first."""
+        with self._send_lock:
+            if self.process.poll() is not None:
+                self.logger.error('The fence process ended (exit code %s); its jobs were ended and run again. '
+                                  'A new fence starts.', self.process.returncode)
+                self.sock.close()
+                self._start()
         self._send({'hold': [term_at, kill_at]})
 
     def spawn(self, command, output, lock, jobnumber):
@@ -206,6 +221,8 @@ class Fence:
         waiter = [threading.Event(), None]
         with self._lock:
             self._answers[jobnumber] = waiter
+        if self.process.poll() is not None:
+            raise LeaseLost()               # no fence: no start, until the next renewal starts one
         ended, ended_there = os.pipe()
         try:
             self._send({'run': list(command), 'job': jobnumber},
@@ -223,10 +240,10 @@ class Fence:
             raise OSError(answer['error'])
         return FencedChild(answer['pid'], ended)
 
-    def _read(self):
+    def _read(self, sock):
         while True:
             try:
-                data = self.sock.recv(1 << 16)
+                data = sock.recv(1 << 16)
             except OSError:
                 data = b''
             if not data:
