@@ -474,3 +474,24 @@ def test_fence_killed(postgres, cluster_of):
     assert cluster.overlaps() == []
     assert [tag_of(entry) for entry in cluster.runs('start')] == ['long', 'long', 'next']   # it kept its place
     wait_until(lambda: 'A new fence starts' in env.log(), message='a new fence')
+
+
+def test_a_task_queued_again_while_it_waits_already(database):
+    """The store of a real database, directly: a running job put back (its lease ran out, say)
+    while the same task was queued meanwhile is dropped - one waiting copy is enough - and the
+    duplicate rule still holds for the copy that waits."""
+    from bots.botsjobqueue import dbstore
+    _, url = database
+    store = dbstore.DatabaseStore(*dbstore.parse_url(url), name='here')
+    try:
+        task = ['bots-engine', '--new']
+        added, first, _ = store.admit(5, task)
+        assert added and store.take(first, None, 1)
+        added, second, _ = store.admit(5, task)          # the first runs: a new job
+        assert added and second > first
+        assert store.admit(5, task)[:2] == (False, second)
+        assert store.wait_again(first) is False
+        assert [job.jobnumber for job in store.load()[0]] == [second]
+        assert store.admit(3, task) == (True, second, 5)  # a duplicate of another priority: moved up
+    finally:
+        store.close()

@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS jobqueue_job (
     jobnumber   BIGINT PRIMARY KEY,
     priority    INTEGER NOT NULL,
     task        {longtext} NOT NULL,
-    task_key    CHAR(40) NOT NULL,
+    task_key    CHAR(64) NOT NULL,
     state       VARCHAR(10) NOT NULL,
     not_before  {double},
     requeued    INTEGER NOT NULL,
@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS jobqueue_job (
     server      VARCHAR(200)
 );
 CREATE INDEX {if_not_exists} jobqueue_job_task_key ON jobqueue_job (task_key);
+{waiting_index}
 CREATE TABLE IF NOT EXISTS jobqueue_history (
     jobnumber   BIGINT PRIMARY KEY,
     priority    INTEGER NOT NULL,
@@ -136,8 +137,8 @@ class ChangesLost(Exception):
 
 
 def task_key(task):
-    """What the duplicate rule compares, indexed: a digest of the task's JSON form."""
-    return hashlib.sha1(json.dumps(list(task)).encode('utf-8', 'surrogatepass')).hexdigest()
+    """What the duplicate rule compares, indexed: a digest (SHA-256) of the task's JSON form."""
+    return hashlib.sha256(json.dumps(list(task)).encode('utf-8', 'surrogatepass')).hexdigest()
 
 
 class Dialect:
@@ -146,12 +147,15 @@ class Dialect:
     def __init__(self, kind):
         self.kind = kind
         if kind == 'postgresql':
+            # PostgreSQL: at most one waiting job per task, kept by the database itself (``admit``).
             self.types = dict(double='DOUBLE PRECISION', text='TEXT', longtext='TEXT', autoid='BIGSERIAL PRIMARY KEY',
-                              if_not_exists='IF NOT EXISTS')
+                              if_not_exists='IF NOT EXISTS',
+                              waiting_index="CREATE UNIQUE INDEX IF NOT EXISTS jobqueue_job_waiting_task ON "
+                                            "jobqueue_job (task_key) WHERE state != 'running';")
             self.now = 'CAST(extract(epoch from clock_timestamp()) AS DOUBLE PRECISION)'
         else:
             self.types = dict(double='DOUBLE', text='TEXT', longtext='LONGTEXT',
-                              autoid='BIGINT AUTO_INCREMENT PRIMARY KEY', if_not_exists='')
+                              autoid='BIGINT AUTO_INCREMENT PRIMARY KEY', if_not_exists='', waiting_index='')
             self.now = '(UNIX_TIMESTAMP(SYSDATE(6)) + 0e0)'
 
     def upsert(self, table, key, columns):
@@ -401,6 +405,10 @@ class DatabaseStore:
         waiting duplicate whose priority changed."""
         key = task_key(task)
         text = json.dumps(list(task))
+        if self.kind == 'postgresql':
+            jobnumber = self._admit_in_one(priority, key, text)
+            if jobnumber is not None:
+                return True, jobnumber, None
 
         def admit(cursor):
             self._change(cursor, None, None)
@@ -408,7 +416,7 @@ class DatabaseStore:
                            "state != 'running'", (key,))
             for jobnumber, stored, stored_task in cursor.fetchall():
                 if stored_task != text:
-                    continue            # another task with the same digest: not a duplicate
+                    continue            # another task with the same digest (MySQL): not a duplicate
                 if stored == priority:
                     return False, jobnumber, None
                 cursor.execute('UPDATE jobqueue_job SET priority = %s WHERE jobnumber = %s', (priority, jobnumber))
@@ -421,6 +429,29 @@ class DatabaseStore:
             self._change(cursor, jobnumber, 'add')
             return True, jobnumber, None
         return self._run(admit)
+
+    def _admit_in_one(self, priority, key, text):
+        """``admit`` of a task that does not wait yet, on PostgreSQL: one statement, its own
+        transaction.  The unique index of waiting tasks turns a duplicate - even one another server
+        is adding at this instant - into no row (None: ``admit`` then looks at it).  The queue's row
+        is locked first (the insert reads from its update), so the numbers stay in commit order."""
+        statement = """WITH m AS (UPDATE jobqueue_meta SET next_job = next_job + 1, seq = seq + 1 WHERE id = 1
+                                   RETURNING next_job - 1 AS jobnumber, seq),
+                            i AS (INSERT INTO jobqueue_job (jobnumber, priority, task, task_key, state, requeued,
+                                                            locked, added)
+                                  SELECT jobnumber, %(priority)s, %(task)s, %(key)s, 'waiting', 0, 0, %(now)s FROM m
+                                  ON CONFLICT (task_key) WHERE state != 'running' DO NOTHING RETURNING jobnumber),
+                            c AS (INSERT INTO jobqueue_change (seq, jobnumber, kind, origin)
+                                  SELECT m.seq, i.jobnumber, 'add', %(me)s FROM m, i)
+                       SELECT jobnumber FROM i"""
+        values = dict(priority=priority, task=text, key=key, now=time.time(), me=self.name)
+
+        def admit(cursor):
+            cursor.execute(statement, values)
+            row = cursor.fetchone()
+            return row[0] if row else None
+        with self._lock:
+            return self._db.transaction(admit, autocommit=True)
 
     def oldest_waiting(self):
         def read(cursor):
@@ -476,6 +507,14 @@ class DatabaseStore:
 
         def update(cursor):
             self._change(cursor, jobnumber, 'wait')
+            cursor.execute("SELECT 1 FROM jobqueue_job a JOIN jobqueue_job b ON a.task_key = b.task_key AND "
+                           "a.task = b.task WHERE a.jobnumber = %s AND b.jobnumber != %s AND b.state != 'running'",
+                           (jobnumber, jobnumber))
+            if cursor.fetchone():
+                # The same task was queued meanwhile: one waiting copy is enough.
+                cursor.execute("DELETE FROM jobqueue_job WHERE jobnumber = %s AND (state != 'running' OR "
+                               "server = %s)", (jobnumber, self.name))
+                return False
             cursor.execute('UPDATE jobqueue_job SET state = %s, not_before = %s, requeued = coalesce(%s, requeued), '
                            'locked = coalesce(%s, locked), started = NULL, pid = NULL, pid_start = NULL, '
                            "relay_pid = NULL, output = NULL, server = NULL WHERE jobnumber = %s AND "

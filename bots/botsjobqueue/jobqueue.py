@@ -307,8 +307,10 @@ class JobQueue:
             else:
                 stored = patiently(self._store.wait_again, job.jobnumber, None, job.requeued, job.locked, patience=5)
             if stored is False:
-                # A shared store's job that another server runs now (this one lost the lease): not ours.
-                del self._by_task[job.task]
+                # A shared store's job that another server runs now (this one lost the lease), or a
+                # task that waits there already: not to be kept here.
+                if self._by_task.get(job.task) is job:
+                    del self._by_task[job.task]
                 self._bytes -= task_size(job.task)
                 return job
             if delay > 0:
@@ -387,9 +389,14 @@ class JobQueue:
                 return
             job = entry[0]
             try:
-                self._store.wait_again(job.jobnumber, None, job.requeued, job.locked)
+                stored = self._store.wait_again(job.jobnumber, None, job.requeued, job.locked)
             except StoreBusy:                 # another process holds the store: a moment later
                 self._delay(job, 0.2)
+                return
+            if stored is False:               # a shared store's copy of a task that waits already
+                if self._by_task.get(job.task) is job:
+                    del self._by_task[job.task]
+                self._bytes -= task_size(job.task)
                 return
             self._waiting[jobnumber] = job
             heapq.heappush(self._heap, (job.priority, jobnumber))
