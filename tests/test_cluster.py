@@ -257,6 +257,11 @@ def test_three_servers_one_queue(database, cluster_of):
     assert 'Leader: %s at ' % leader_name in shown.stdout
     assert shown.stdout.count('Standby: ') == 2 and '(this server)' in shown.stdout
     assert '--tag=long' in shown.stdout and '(at %s)' % leader_name in shown.stdout
+    with urllib.request.urlopen('http://127.0.0.1:%d/status.json' % cluster.servers[standby[0]].port,
+                                timeout=5) as answer:
+        page = json.load(answer)
+    assert [job['task'][-2] for job in page['running']] == ['--tag=long']
+    assert page['running'][0]['pid'].endswith(' at %s' % leader_name)
 
 
 @pytest.mark.timeout(120)

@@ -141,6 +141,8 @@ class StatusPages:
         running = []
         for job in status['running']:
             job = dict(job, output_tail=self.states.output_tail(job['jobnumber'], TAIL))
+            if job.get('server'):           # a shared store's job that runs at the leader
+                job['pid'] = '%s at %s' % (job.get('pid', '-'), job['server'])
             running.append(job)
         retry = status.get('retry_at', {})
         waiting = [{'priority': priority, 'jobnumber': number, 'task': task, 'retry_at': retry.get(str(number))}
