@@ -361,7 +361,7 @@ def bench_cluster(results, root):
         for fault in ('kill -9', 'SIGSTOP') if '--no-takeover' not in sys.argv else ():
             results.append(_takeover(root, database, fault))
     finally:
-        database.stop()
+        database.remove()
 
 
 def _takeover(root, database, fault, ttl=20):

@@ -9,6 +9,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -74,12 +75,21 @@ class PostgreSQL:
         with open(os.path.join(self.data, 'postgresql.conf'), 'a') as handle:
             handle.write("listen_addresses = '127.0.0.1'\nport = %d\nunix_socket_directories = '%s'\n"
                          "fsync = on\nmax_connections = 200\n" % (self.port, self.directory))
-        self.process = subprocess.Popen(self._as + [os.path.join(self.bin, 'postgres'), '-D', self.data],
-                                        stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.directory,
-                                                                                            'server.log'), 'w'))
-        _wait_for_port(self.port, self.process, 'PostgreSQL')
+        self._run_server()
         self.sql('CREATE DATABASE bots', database='postgres')
         return self
+
+    def _run_server(self):
+        self.process = subprocess.Popen(self._as + [os.path.join(self.bin, 'postgres'), '-D', self.data],
+                                        stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.directory,
+                                                                                            'server.log'), 'a'))
+        _wait_for_port(self.port, self.process, 'PostgreSQL')
+
+    def restart(self, down=0.0):
+        """Stop the database server (fast shutdown: sessions are ended), wait ``down`` seconds, start it again."""
+        self.stop()
+        time.sleep(down)
+        self._run_server()
 
     @property
     def url(self):
@@ -102,13 +112,37 @@ class PostgreSQL:
                         'AND pid != pg_backend_pid()', (application_name_like,))
 
     def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+        """Fast shutdown (SIGINT to the postmaster itself: runuser, its parent as root, passes no
+        SIGINT on), and wait until it is gone."""
+        try:
+            with open(os.path.join(self.data, 'postmaster.pid')) as handle:
+                postmaster = int(handle.readline())
+        except (OSError, ValueError):
+            postmaster = None
+        if postmaster:
             try:
-                self.process.wait(30)
+                os.kill(postmaster, signal.SIGINT)
+            except ProcessLookupError:
+                postmaster = None
+        deadline = time.monotonic() + 30
+        while postmaster and time.monotonic() < deadline:
+            try:
+                os.kill(postmaster, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            if postmaster:
+                os.kill(postmaster, signal.SIGKILL)
+        if self.process is not None:
+            try:
+                self.process.wait(10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def remove(self):
+        self.stop()
         if self._as:
             shutil.rmtree(self.directory, ignore_errors=True)
 

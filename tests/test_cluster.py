@@ -30,7 +30,7 @@ MARGIN = 1
 def postgres(tmp_path_factory):
     database = PostgreSQL(str(tmp_path_factory.mktemp('postgresql'))).start()
     yield database
-    database.stop()
+    database.remove()
 
 
 @pytest.fixture(scope='session')
@@ -500,3 +500,30 @@ def test_a_task_queued_again_while_it_waits_already(database):
         assert store.admit(3, task) == (True, second, 5)  # a duplicate of another priority: moved up
     finally:
         store.close()
+
+
+@pytest.mark.timeout(180)
+def test_database_restarted(postgres, cluster_of):
+    """The database server restarts under two servers (its sessions ended, a few seconds away):
+    the servers open new connections, the lease is kept or taken over, nothing runs twice at
+    once and no acknowledged job is lost.  The restart happens last: the other tests share it."""
+    name = 'queue%d' % next(_numbers)
+    postgres.sql('CREATE DATABASE %s' % name, database='postgres')
+    cluster = cluster_of(postgres.url.rsplit('/', 1)[0] + '/' + name, 2)
+    cluster.start(0)
+    assert cluster.leader() == 0
+    cluster.start(1)
+
+    def started():
+        return postgres.sql('SELECT pg_postmaster_start_time()')[0][0]
+
+    def fault(leader):
+        before = started()
+        postgres.restart(down=2)
+        assert started() > before        # a new database server process
+        return False
+
+    counts = _fault_loop(cluster, 'restart', fault, 2, lambda leader: cluster.leader(timeout=60))
+    print('database restarted (postgresql): %s' % counts)
+    assert counts['overlaps'] == 0 and counts['lost'] == 0
+    assert 'The database answers again' in cluster.servers[0].log() + cluster.servers[1].log()

@@ -118,8 +118,10 @@ class FenceProcess:
         code = popen.wait()
         with self._lock:
             _, _, sent = self.children.pop(popen.pid)
+        # Fenced: ended by our signal.  A job that finished by itself as the signal came is not.
+        fenced = bool(sent) and code != 0
         try:
-            os.write(ended, b'%d %d' % (code, bool(sent)))
+            os.write(ended, b'%d %d' % (code, fenced))
         except OSError:
             pass                            # the server is gone
         os.close(ended)
