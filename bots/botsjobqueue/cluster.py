@@ -169,7 +169,11 @@ class Leadership:
                           'queued again; it stands by.', why)
         self.term = None
         self.valid_until = 0.0
-        self.fence.hold(0.0, time.monotonic() + self.settings.fence_grace)
+        try:
+            self.fence.hold(0.0, time.monotonic() + self.settings.fence_grace)
+        except OSError as exc:        # a fence that cannot be told has its last deadline all the same
+            self.logger.error('The fence could not be told at once (%s); it ends the jobs at its last deadline.',
+                              exc)
         for call in self.on_lose:
             call()
 
