@@ -255,7 +255,7 @@ class JobQueue:
             return len(self._by_task)
 
     # ---- for the runners
-    def take(self, block=True, done=None, runner=None):
+    def take(self, block=True, done=None, runner=None, taken=None):
         """The next job, marked running.  Blocks until there is one, or returns None at once
         when ``block`` is false and there is none.  None once closed.
 
@@ -263,6 +263,8 @@ class JobQueue:
         ``status``); it moves to the history in the same transaction that marks the next one
         running (one commit between two jobs, not two).
         ``runner``: the number of the runner that takes it, stored with it.
+        ``taken``: called with the job before the lock is let go, so that whoever asks where a
+        job is finds it here or with the runner, never in neither (``jobstates``).
         When the store fails, the job stays first in the queue and the error is raised.
         """
         with self._lock:
@@ -282,6 +284,8 @@ class JobQueue:
                             self._bytes += task_size(job.task)
                             heapq.heappush(self._heap, (job.priority, job.jobnumber))
                             raise
+                        if taken is not None:
+                            taken(job)
                         return job
                 if done is not None:
                     self._store.finish_ended(done)

@@ -164,9 +164,14 @@ class Launcher:
             self.on_idle()
 
     # ---- one job: start, supervise, end
+    def starting(self, job):
+        """A job just taken from the queue is starting (called by the queue as it hands it out)."""
+        self._set(job.jobnumber, Starting(job))
+
     def start_job(self, job, lock, runner):
         """Start a job (``lock``: the runner's lock file, the job's now); its RunningJob, or None."""
-        self._set(job.jobnumber, Starting(job))
+        if not isinstance(self.active.get(job.jobnumber), Starting):
+            self._set(job.jobnumber, Starting(job))
         try:
             return self._start(job, lock, runner)
         finally:

@@ -77,7 +77,8 @@ class Runner:
         if self.lock is None:
             self.lock = launcher.locks.take_runner(self.number)
         try:
-            job = launcher.queue.take(block=not self.ended, done=self.done, runner=self.number)
+            job = launcher.queue.take(block=not self.ended, done=self.done, runner=self.number,
+                                      taken=launcher.starting)
         except (sqlite3.Error, OSError, StoreBusy) as exc:
             self.trouble.failed(exc)       # waits a while; the job is still first in the queue
             return True
