@@ -81,13 +81,7 @@ class JobQueue:
         with self._lock:
             for job, not_before in jobs:
                 count += 1
-                self._by_task[job.task] = job
-                self._bytes += task_size(job.task)
-                if not_before is not None and not_before > time.time():
-                    self._delay(job, not_before - time.time())
-                else:
-                    self._waiting[job.jobnumber] = job
-                    self._heap.append((job.priority, job.jobnumber))
+                self._insert(job, not_before, bulk=True)
             heapq.heapify(self._heap)
             self._changed.notify_all()
         return count
@@ -313,9 +307,7 @@ class JobQueue:
             if stored is False:
                 # A shared store's job that another server runs now (this one lost the lease), or a
                 # task that waits there already: not to be kept here.
-                if self._by_task.get(job.task) is job:
-                    del self._by_task[job.task]
-                self._bytes -= task_size(job.task)
+                self._unindex(job)
                 return job
             if delay > 0:
                 self._delay(job, delay)
@@ -340,15 +332,26 @@ class JobQueue:
             self._changed.notify_all()
 
     # ---- internals, called with the lock held
-    def _insert(self, job, not_before=None):
+    def _insert(self, job, not_before=None, bulk=False):
+        """Queue a job here: waiting, or delayed until ``not_before``.  ``bulk`` (the start-up):
+        the heap is made whole afterwards, and the runners woken, by the caller."""
         self._by_task[job.task] = job
         self._bytes += task_size(job.task)
         if not_before is not None and not_before > time.time():
             self._delay(job, not_before - time.time())
+        elif bulk:
+            self._waiting[job.jobnumber] = job
+            self._heap.append((job.priority, job.jobnumber))
         else:
             self._waiting[job.jobnumber] = job
             heapq.heappush(self._heap, (job.priority, job.jobnumber))
             self._changed.notify()
+
+    def _unindex(self, job):
+        """Take a job out of the duplicate index and the byte count."""
+        if self._by_task.get(job.task) is job:
+            del self._by_task[job.task]
+        self._bytes -= task_size(job.task)
 
     def _forget(self, jobnumber):
         """Drop a job from the queue here (not from the store); the job, or None."""
@@ -357,9 +360,7 @@ class JobQueue:
             job, timer, _ = self._delayed.pop(jobnumber)
             timer.cancel()
         if job is not None:
-            if self._by_task.get(job.task) is job:
-                del self._by_task[job.task]
-            self._bytes -= task_size(job.task)
+            self._unindex(job)
         return job
 
     def _is_live(self, entry):
@@ -398,9 +399,7 @@ class JobQueue:
                 self._delay(job, 0.2)
                 return
             if stored is False:               # a shared store's copy of a task that waits already
-                if self._by_task.get(job.task) is job:
-                    del self._by_task[job.task]
-                self._bytes -= task_size(job.task)
+                self._unindex(job)
                 return
             self._waiting[jobnumber] = job
             heapq.heappush(self._heap, (job.priority, jobnumber))
