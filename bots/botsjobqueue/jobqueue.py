@@ -249,13 +249,16 @@ class JobQueue:
             return len(self._by_task)
 
     # ---- for the runners
-    def take(self, block=True, done=None, runner=None, taken=None):
+    def take(self, block=True, done=None, runner=None, taken=None, claim=True):
         """The next job, marked running.  Blocks until there is one, or returns None at once
         when ``block`` is false and there is none.  None once closed.
 
         ``done``: a job that has just ended (``job``, ``started``, ``ended``, ``exitcode``,
         ``status``); it moves to the history in the same transaction that marks the next one
         running (one commit between two jobs, not two).
+        ``claim``: false when the caller stores the job as running itself, after its start
+        (``Store.claim``, with ``done``): the job leaves only the queue's memory here, and
+        ``done`` is recorded here only when no job is handed out.
         ``runner``: the number of the runner that takes it, stored with it.
         ``taken``: called with the job before the lock is let go, so that whoever asks where a
         job is finds it here or with the runner, never in neither (``jobstates``).
@@ -265,6 +268,10 @@ class JobQueue:
             while True:
                 if not self._closed and not self.paused and self.leading:
                     job = self._pop()
+                    if job is not None and not claim:
+                        if taken is not None:
+                            taken(job)
+                        return job
                     if job is not None:
                         try:
                             self._store.set_running(job.jobnumber, done, runner)
@@ -272,11 +279,7 @@ class JobQueue:
                             done = None            # recorded all the same; the job went elsewhere
                             continue
                         except BaseException:
-                            # Not marked running: it is still the next job to take.
-                            self._waiting[job.jobnumber] = job
-                            self._by_task[job.task] = job
-                            self._bytes += task_size(job.task)
-                            heapq.heappush(self._heap, (job.priority, job.jobnumber))
+                            self._unpop(job)       # not marked running: it is still the next job to take
                             raise
                         if taken is not None:
                             taken(job)
@@ -287,6 +290,25 @@ class JobQueue:
                 if self._closed or not block:
                     return None
                 self._changed.wait()
+
+    def give_back(self, job):
+        """A job taken with ``claim=False`` that did not start: first in the queue again, as if it
+        had never been taken (unless the same task was queued meanwhile: then that one waits)."""
+        with self._lock:
+            if job.task in self._by_task:
+                try:
+                    self._store.remove(job.jobnumber)
+                except Exception:        # the store fails: its row waits on, and is queued at the next start
+                    pass
+            else:
+                self._unpop(job)
+                self._changed.notify()
+
+    def _unpop(self, job):
+        self._waiting[job.jobnumber] = job
+        self._by_task[job.task] = job
+        self._bytes += task_size(job.task)
+        heapq.heappush(self._heap, (job.priority, job.jobnumber))
 
     def wait_again(self, job, delay=0):
         """Put a job that did not get to run (or must run again) back in the queue."""

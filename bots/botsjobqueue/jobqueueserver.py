@@ -56,11 +56,18 @@ Exit codes: 0 stopped normally; 1 cannot start (configuration, port in use).
 
 
 def restore_queue(store, queue, launcher, logger):
-    """Put the stored jobs back: waiting ones in order; running ones waited for or queued again."""
-    running = []
+    """Put the stored jobs back: waiting ones in order; running ones waited for or queued again.
+    A job the store has as waiting runs all the same when a held lock file names it (the server
+    died between its start and storing it: see ``processes.RunLocks``)."""
+    running, unstored = [], []
+    claims = launcher.locks.claims() if launcher.claims_after_start else {}
 
     def waiting():
         for item in store.load():
+            claim = claims.get(item.jobnumber)
+            if item.state != 'running' and claim is not None and claim[1:] == (item.requeued, item.locked):
+                item = item._replace(state='running', runner=claim[0])
+                unstored.append(item)
             if item.state == 'running':
                 running.append(item)
             else:
@@ -69,6 +76,8 @@ def restore_queue(store, queue, launcher, logger):
 
     gc.disable()          # 100,000 new objects would set off collection after collection
     count = queue.restore(waiting())
+    for item in unstored:
+        store.set_running(item.jobnumber, None, item.runner)
     for item in running:
         if launcher.still_runs(item):
             launcher.adopt(item)

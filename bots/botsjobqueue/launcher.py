@@ -36,7 +36,7 @@ from .jobstates import RunningJob, Starting
 from .outputs import LIVE, Outputs, read_tail
 from .processes import KILL, Child, Orphan, is_alive, process_start_time, run_locks, signal_group
 from .runner import TRACE, Runner
-from .store import StoreBusy, patiently
+from .store import StoreBusy, StoreRefused, patiently
 from .timers import Timers
 
 # Test hook: the fault tests set this to kill the server at a chosen instant of a start.
@@ -84,6 +84,9 @@ class Launcher:
         self.recorder = Recorder(store, logger, reporter, self.locks, self._recorded)
         self.runners = [Runner(self, number) for number in range(1, settings.nr_threads + 1)]
         self.fence = None              # a shared store's leader starts its jobs through its fence (fence.py)
+        # Where the runner's lock file names the job, the store is written after the start (see
+        # processes.RunLocks); a shared store must have the job first (another server may remove it).
+        self.claims_after_start = self.locks.hold_claims and not getattr(store, 'shared', False)
 
     # ---- life cycle
     def start(self):
@@ -168,17 +171,26 @@ class Launcher:
         """A job just taken from the queue is starting (called by the queue as it hands it out)."""
         self._set(job.jobnumber, Starting(job))
 
-    def start_job(self, job, lock, runner):
-        """Start a job (``lock``: the runner's lock file, the job's now); its RunningJob, or None."""
+    def start_job(self, job, lock, runner, done=None, trouble=None):
+        """Start a job (``lock``: the runner's lock file, the job's now); its RunningJob, or None.
+        ``done``: the runner's ended job, when it is recorded with this one's claim (``Store.claim``);
+        ``trouble``: how the runner waits for a failing store (``runner.StoreTrouble``)."""
         if not isinstance(self.active.get(job.jobnumber), Starting):
             self._set(job.jobnumber, Starting(job))
+        claim = [done]
         try:
-            return self._start(job, lock, runner)
+            return self._start(job, lock, runner, claim, trouble)
         finally:
             if isinstance(self.active.get(job.jobnumber), Starting):    # it did not get to run
                 self._set(job.jobnumber, None)
+            if claim[0] is not None:           # the job did not start: the ended one is recorded on its own
+                try:
+                    patiently(self.store.finish_ended, claim[0], patience=30)
+                except (sqlite3.Error, OSError, StoreBusy) as exc:
+                    self.logger.error('The end of job %s could not be recorded (%s); after a restart it runs again.',
+                                      claim[0].job.jobnumber, exc)
 
-    def _start(self, job, lock, runner):
+    def _start(self, job, lock, runner, claim, trouble):
         settings = self.settings
         command = self.authorizer.command(job.task)
         started = time.time()
@@ -192,16 +204,26 @@ class Launcher:
             return None
         path = self.outputs.path(job.jobnumber)
         read_end, write_end = os.pipe()
+        reservation = None
         try:
             # The capture reads the pipe before the job can write to it: should the server die at
             # any instant from here on, the job never meets a pipe without a reader.
             capture = self.outputs.capture(read_end, path, job.jobnumber)
             if lock is None:
                 lock = self.locks.take_job(job.jobnumber)
+            self.locks.mark(lock, job)
             if TRACE:
                 TRACE('captured', job.jobnumber)
             try:
+                if self.claims_after_start:
+                    reservation = self.store.reserve()
                 process = self._spawn(command, write_end, lock, job.jobnumber)
+            except (sqlite3.Error, StoreBusy) as exc:       # the reservation: the store cannot record it
+                self.locks.remove(job.jobnumber)
+                capture.job_ended()
+                self.queue.give_back(job)
+                claim[0] = None                # the runner keeps it, for its next try
+                raise StoreRefused(exc) from exc
             except LeaseLost:
                 self.locks.remove(job.jobnumber)
                 capture.job_ended()
@@ -211,6 +233,9 @@ class Launcher:
                 self._back_to_queue(job)
                 return None
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
+                if reservation is not None:
+                    reservation.cancel()
+                    reservation = None
                 self.locks.remove(job.jobnumber)
                 capture.job_ended()
                 self._cannot_start(job, started, str(exc))
@@ -219,21 +244,53 @@ class Launcher:
                 TRACE('forked', job.jobnumber)
             if KILL_AT == 'spawned':
                 os.kill(os.getpid(), signal.SIGKILL)
+        except BaseException:
+            if reservation is not None:
+                reservation.cancel()
+            raise
         finally:
             for fd in (write_end, lock):
                 if fd is not None:
                     os.close(fd)
         running = RunningJob(job, process, started, capture, runner, command)
         self._set(job.jobnumber, running)
+        self._arm_maxruntime(running, settings.maxruntime * 60)
+        details = (started, process.pid, process_start_time(process.pid), capture.relay_pid, path)
+        if reservation is not None:
+            try:
+                reservation.commit(job, runner, *details, done=claim[0])
+                claim[0] = None
+                if trouble is not None:
+                    trouble.recovered()
+            except (sqlite3.Error, OSError, StoreBusy):
+                self._claim(job, runner, details, claim, trouble)      # tried again while the job runs
+            return running
         try:
-            patiently(self.store.set_process, job.jobnumber, process.pid, process_start_time(process.pid),
-                      capture.relay_pid, path, patience=30)
+            patiently(self.store.set_process, job.jobnumber, *details[1:], patience=30)
         except (sqlite3.Error, OSError, StoreBusy) as exc:
             # The job is supervised all the same; after a crash its lock file tells that it runs.
             self.logger.error('Job %s (pid %s) runs, but its pid could not be stored: %s',
                               job.jobnumber, process.pid, exc)
-        self._arm_maxruntime(running, settings.maxruntime * 60)
         return running
+
+    def _claim(self, job, runner, details, claim, trouble):
+        """Store a job just started as running, and the runner's ended job with it, in one commit.
+        A failing store is tried again (as the runner would: ``trouble``) while the job runs; the
+        job's lock file says it runs meanwhile.  Given up only when the server stops."""
+        while True:
+            try:
+                self.store.claim(job, runner, *details, done=claim[0])
+                claim[0] = None
+                if trouble is not None:
+                    trouble.recovered()
+                return
+            except (sqlite3.Error, OSError, StoreBusy) as exc:
+                if self._stopping or trouble is None:
+                    self.logger.error('Job %s (pid %s) runs, but could not be stored as running: %s',
+                                      job.jobnumber, details[1], exc)
+                    claim[0] = None
+                    return
+                trouble.failed(exc)
 
     def _spawn(self, command, output, lock, jobnumber):
         """Start the job's process: here (a Child), or by the fence (a FencedChild; LeaseLost)."""

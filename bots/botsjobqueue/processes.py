@@ -106,7 +106,15 @@ class RunLocks:
     storing the job's pid.  The runners' files exist from the start (creating a file per job
     would cost every dispatch time); should a process of an earlier job still hold a runner's
     file, the job gets a file of its own, ``job-<jobnumber>.lock``.
+
+    Before the fork the runner writes the job into the file (``mark``: its number and how often
+    it was queued again; a write to the page cache, which outlives the server).  So the file is
+    the job's claim until the store says it runs: the store is written after the start, out of
+    the time between two jobs, and a server that dies in between finds the job in ``claims()``.
     """
+
+    hold_claims = True          # a locked file names its job: the store may follow the start
+    MARK = 40                   # bytes of a mark, padded, so that a shorter one overwrites a longer
 
     def __init__(self, directory, runners):
         import fcntl
@@ -134,6 +142,51 @@ class RunLocks:
             raise OSError('the lock file of job %d is held by another process' % jobnumber)
         return fd
 
+    def mark(self, fd, job):
+        """Write ``job`` into its locked file ``fd`` (before it is forked)."""
+        os.pwrite(fd, ('%d %d %d' % (job.jobnumber, job.requeued, job.locked)).ljust(self.MARK - 1).encode()
+                  + b'\n', 0)
+
+    @staticmethod
+    def _marked(path):
+        """``(jobnumber, requeued, locked)`` written in the file, or None (none written: an older version)."""
+        try:
+            with open(path, 'rb') as handle:
+                fields = handle.read(RunLocks.MARK).split()
+            return tuple(int(field) for field in fields[:3]) if len(fields) >= 3 else None
+        except (OSError, ValueError):
+            return None
+
+    def claims(self):
+        """``{jobnumber: (runner or None, requeued, locked)}`` of the files a process holds now:
+        the jobs that run, stored as running or not yet."""
+        found = {}
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return found
+        for name in names:
+            kind, _, number = name[:-len('.lock')].partition('-')
+            if not name.endswith('.lock') or kind not in ('runner', 'job') or not number.isdigit():
+                continue
+            path = os.path.join(self.directory, name)
+            if self.runs_at(path):
+                marked = self._marked(path)
+                if marked is not None and (kind == 'runner' or marked[0] == int(number)):
+                    found[marked[0]] = (int(number) if kind == 'runner' else None,) + marked[1:]
+        return found
+
+    def runs_at(self, path):
+        """True while a process holds the lock of ``path``."""
+        try:
+            fd = self._take(path, create=False)
+        except FileNotFoundError:
+            return False
+        if fd is None:
+            return True
+        os.close(fd)
+        return False
+
     def _take(self, path, create=True):
         """``path`` opened and locked; None when another process holds its lock."""
         fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
@@ -152,18 +205,16 @@ class RunLocks:
         return self._runner_path(stored.runner) if stored.runner else None
 
     def runs(self, stored):
-        """True while a process holds the job's lock, False when none does; None without a lock file."""
+        """True while a process holds the job's lock, False when none does; None without a lock file.
+        A runner's file that names another job (the runner's next, started before it was stored)
+        says this one does not run."""
         path = self._path(stored)
-        if path is None:
+        if path is None or not os.path.exists(path):
             return None
-        try:
-            fd = self._take(path, create=False)
-        except FileNotFoundError:
-            return None
-        if fd is None:
-            return True
-        os.close(fd)
-        return False
+        if not self.runs_at(path):
+            return False
+        marked = self._marked(path)
+        return marked is None or marked[0] == stored.jobnumber
 
     def wait(self, stored):
         """Block until no process holds the job's lock."""
@@ -214,7 +265,16 @@ class RunLocks:
 
 
 class NoLocks:
-    """Where there is no ``flock``: no lock files; a restarted server goes by the stored pid."""
+    """Where there is no ``flock``: no lock files; a restarted server goes by the stored pid, so a
+    job is stored as running before it is started."""
+
+    hold_claims = False
+
+    def mark(self, fd, job):
+        pass
+
+    def claims(self):
+        return {}
 
     def take_runner(self, runner):
         return None

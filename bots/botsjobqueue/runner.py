@@ -3,18 +3,21 @@ the end of the one before in the same commit.
 
 A runner is a thread with a ``loop()`` step (one job per turn), as in huey's
 consumer; ``nr_threads`` of them run side by side.  Between two jobs only
-what the next start needs happens: the store marks the next job running and
-drops the ended one in one commit.  The log lines and the output of the
-ended job (a file read, a database write) follow once the next job runs, or
-once there is none.  A job adopted after a restart holds the slot of the
-runner that started it: that runner supervises it before it takes a job.
+what the next start needs happens.  The commit that marks the next job
+running and drops the ended one follows the start where the runner's lock
+file holds the job's claim meanwhile (``processes.RunLocks``: a single
+machine's SQLite store on POSIX), and precedes it elsewhere (Windows, a
+shared store).  The log lines and the output of the ended job (a file read,
+a database write) follow once the next job runs, or once there is none.  A
+job adopted after a restart holds the slot of the runner that started it:
+that runner supervises it before it takes a job.
 """
 import os
 import sqlite3
 import threading
 import time
 
-from .store import StoreBusy, patiently
+from .store import StoreBusy, StoreRefused, patiently
 
 
 def _tracer():
@@ -76,14 +79,16 @@ class Runner:
         launcher = self.launcher
         if self.lock is None:
             self.lock = launcher.locks.take_runner(self.number)
+        after = launcher.claims_after_start
         try:
             job = launcher.queue.take(block=not self.ended, done=self.done, runner=self.number,
-                                      taken=launcher.starting)
+                                      taken=launcher.starting, claim=not after)
         except (sqlite3.Error, OSError, StoreBusy) as exc:
             self.trouble.failed(exc)       # waits a while; the job is still first in the queue
             return True
-        self.trouble.recovered()
-        self.done = None
+        if not after:
+            self.trouble.recovered()       # (else the start's commit tells: see Launcher._start)
+        done, self.done = (self.done if after and job is not None else None), None
         if TRACE and job is not None:
             TRACE('taken', job.jobnumber)
         if job is None:
@@ -92,13 +97,18 @@ class Runner:
             launcher.recorder.log_ends(self.ended)
             launcher.recorder.collect_outputs(self.ended, wait=True)
             return True
-        self._guarded(job, self._run, job)
+        self._guarded(job, self._run, job, done)
         return True
 
-    def _run(self, job):
+    def _run(self, job, done):
         launcher = self.launcher
         held, self.lock = self.lock, None            # the job's now (closed by start_job in any case)
-        running = launcher.start_job(job, held, self.number)
+        try:
+            running = launcher.start_job(job, held, self.number, done, self.trouble)
+        except StoreRefused as refused:
+            self.done = done               # recorded with the next start
+            self.trouble.failed(refused.error)      # waits a while; the job is first in the queue again
+            return
         launcher.recorder.log_ends(self.ended)
         if running is not None:
             command = running.command

@@ -103,6 +103,51 @@ def patiently(call, *args, patience=600.0, pause=0.05):
             time.sleep(pause)
 
 
+class Answer(collections.namedtuple('Answer', 'rows lastrowid')):
+    """What one statement of ``Store._run`` gave."""
+
+    def fetchone(self):
+        return self.rows[0] if self.rows else None
+
+
+class StoreRefused(Exception):
+    """The store could not be reserved for a job's start (``Store.reserve``): the job did not
+    start and is first in the queue again; the runner waits and tries again."""
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
+
+
+class Reservation:
+    """The store's write lock, held from just before a job's fork to the commit of its record
+    (``Store.reserve``): the statements run after the fork, while the job starts, and no job is
+    started that the store could not record.  Either ``commit`` or ``cancel`` ends it."""
+
+    def __init__(self, store):
+        self._store = store
+
+    def commit(self, job, runner, started, pid, pid_start, relay_pid, output, done=None):
+        """``Store.claim`` in the reserved transaction; on an error it is rolled back and raised."""
+        db = self._store._db
+        try:
+            self._store._claim(job, runner, started, pid, pid_start, relay_pid, output, done)
+            db.execute('COMMIT')
+        except BaseException:
+            if db.in_transaction:
+                db.execute('ROLLBACK')
+            raise
+        finally:
+            self._store._lock.release()
+
+    def cancel(self):
+        try:
+            if self._store._db.in_transaction:
+                self._store._db.execute('ROLLBACK')
+        finally:
+            self._store._lock.release()
+
+
 class Gone(Exception):
     """A job taken from the queue no longer waits in a shared store: another server removed it
     (``dbstore.py``); whatever else the call was to store is stored."""
@@ -176,9 +221,17 @@ class Store:
             self._db.close()
 
     def _run(self, sql, params=()):
+        """Run one statement; its rows and lastrowid (an ``Answer``).  The cursor is read and closed
+        with the lock held: a cursor let go elsewhere resets its statement, which clears the
+        connection's error of a statement failing in another thread at that instant (it would
+        read "not an error" in place of "database is locked")."""
         with self._lock:
             try:
-                return self._db.execute(sql, params)
+                cursor = self._db.execute(sql, params)
+                try:
+                    return Answer(cursor.fetchall(), cursor.lastrowid)
+                finally:
+                    cursor.close()
             except sqlite3.OperationalError as exc:
                 if _busy(exc):
                     raise StoreBusy(str(exc)) from exc
@@ -285,6 +338,40 @@ class Store:
         if done is not None:
             steps.insert(0, lambda: self._finish(done.job, done.started, done.ended, done.exitcode, done.status, ''))
         self._transaction(*steps)
+
+    def reserve(self):
+        """Take the database's write lock for a start (``BEGIN IMMEDIATE``; StoreBusy when another
+        process holds it): the job is forked only once its record is sure to be written.  The
+        Reservation holds the store until its ``commit`` or ``cancel``."""
+        self._lock.acquire()
+        try:
+            self._db.execute('BEGIN IMMEDIATE')
+        except BaseException as exc:
+            self._lock.release()
+            if isinstance(exc, sqlite3.OperationalError) and _busy(exc):
+                raise StoreBusy(str(exc)) from exc
+            raise
+        return Reservation(self)
+
+    def claim(self, job, runner, started, pid, pid_start, relay_pid, output, done=None):
+        """Store a job that has just been started as running, with its process, and move the
+        ended job ``done`` to the history, in one commit (what a Reservation's ``commit`` does,
+        for when that failed)."""
+        self._transaction(lambda: self._claim(job, runner, started, pid, pid_start, relay_pid, output, done))
+
+    def _claim(self, job, runner, started, pid, pid_start, relay_pid, output, done):
+        # The whole row is written: a job cleared from the queue in the instant of its start is
+        # stored all the same.
+        if done is not None:
+            self._finish(done.job, done.started, done.ended, done.exitcode, done.status, '')
+        self._db.execute(
+            "INSERT INTO job (jobnumber, priority, task, state, requeued, locked, started, pid, pid_start, "
+            "relay_pid, output, runner) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (jobnumber) DO UPDATE SET state = 'running', started = excluded.started, "
+            "pid = excluded.pid, pid_start = excluded.pid_start, relay_pid = excluded.relay_pid, "
+            "output = excluded.output, runner = excluded.runner",
+            (job.jobnumber, job.priority, json.dumps(list(job.task)), job.requeued, job.locked, started, pid,
+             pid_start, relay_pid, output, runner))
 
     def finish_ended(self, done):
         """Move an ended job (``job``, ``started``, ``ended``, ``exitcode``, ``status``) from the
