@@ -398,11 +398,12 @@ def _takeover(root, database, fault, ttl=20):
 
 BREAKDOWN = (('the child ends -> the runner sees it (wait)', 'E', 'ended'),
              ('what the end means (status, timers, job states)', 'ended', 'decided'),
-             ("runner's lock file, end recorded + next taken (one commit)", 'decided', 'taken'),
+             ("runner's lock file, next job taken (a shared store: + one commit)", 'decided', 'taken'),
              ('authorization checked again', 'taken', 'authorized'),
              ('pipe handed to the output keeper', 'authorized', 'captured'),
              ('fork and exec (Popen returns)', 'captured', 'forked'),
-             ("the job's own start, to its first stamp", 'forked', 'S'))
+             ("the job's own start, to its first stamp", 'forked', 'S'),
+             ('(meanwhile: SQLite records the start and the end before it in one commit)', 'forked', 'stored'))
 
 
 def dispatch_breakdown(results, records, history, trace, prefix=''):
@@ -429,12 +430,11 @@ def dispatch_breakdown(results, records, history, trace, prefix=''):
             this, following = number_of.get((record, number)), number_of.get((record, number + 1))
             moments = {'E': stamps.get(('E', number)), 'S': stamps.get(('S', number + 1)),
                        'ended': steps.get(('ended', this)), 'decided': steps.get(('decided', this))}
-            for step in ('taken', 'authorized', 'captured', 'forked'):
+            for step in ('taken', 'authorized', 'captured', 'forked', 'stored'):
                 moments[step] = steps.get((step, following))
-            if None in moments.values():
-                continue
             for label, start, end in BREAKDOWN:
-                parts[label].append(moments[end] - moments[start])
+                if moments[start] is not None and moments[end] is not None:
+                    parts[label].append(moments[end] - moments[start])
     for label, _, _ in BREAKDOWN:
         if parts[label]:
             results.append(('  gap step%s: %s, median ms' % (prefix, label), statistics.median(parts[label]) * 1000,

@@ -35,6 +35,36 @@ def test_a_kill_between_fork_and_stored_pid_never_runs_the_job_twice(environment
     assert 'Job 1 (pid %d) still runs from before the restart' % starts[0]['pid'] in environment.log()
 
 
+def test_a_kill_between_the_fork_and_its_record_adopts_the_job_the_store_still_has_waiting(environment):
+    """The job is forked before its record is written (the runner's lock file names it meanwhile):
+    the server killed right after forking the second job, whose commit would also record the
+    first one's end.  The restarted server finds the second job running although the store
+    still has it waiting, and waits for it; the first is recorded or runs again - neither job
+    is lost, none overlaps another."""
+    environment.server_env = {'BOTS_JOBQUEUE_TEST_KILL_AT': 'spawned:2'}
+    environment.start_server()
+    proxy = environment.proxy()
+    proxy.pause()
+    proxy.addjob(environment.engine('first'), 5)
+    proxy.addjob(environment.engine('second', '--sleep=2'), 5)
+    proxy.resume()
+    assert environment.server.wait(30) == -signal.SIGKILL
+    environment.server_env = {}
+    environment.start_server()
+    proxy = environment.proxy()
+    second = [run for run in environment.runs('start') if run['argv'][0] == 'second']
+    assert len(second) == 1
+    assert 'Job 2 (pid %d) still runs from before the restart' % second[0]['pid'] in environment.log()
+    assert proxy.showjob(2)['state'] == 'running'
+    wait_until(lambda: proxy.showjob(2).get('state') == 'finished' and proxy.showjob(1).get('state') == 'finished',
+               timeout=60, message='both jobs in the history')
+    time.sleep(0.5)
+    runs = environment.runs()
+    assert [run['argv'][0] for run in runs].count('second') == 1, 'the second job ran twice'
+    assert 1 <= [run['argv'][0] for run in runs].count('first') <= 2
+    assert overlaps(sorted(runs, key=lambda run: run['start'])) == []
+
+
 def adopted_after_restart(environment, jobqueue, *engine_args):
     """A server killed while its job runs, and started again: it has adopted the job."""
     environment.write_ini(jobqueue=jobqueue)

@@ -191,6 +191,61 @@ def test_an_adopted_job_holds_only_its_own_runner(launcher, caplog):
     assert launcher.status() == []
 
 
+# ---- a start before its record: the lock file holds the claim
+def _holding(fd):
+    """A process that holds ``fd`` (a locked lock file) until it is killed."""
+    return subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], pass_fds=(fd,),
+                            start_new_session=True)
+
+
+def test_a_held_runner_lock_file_names_the_job_it_runs(tmp_path):
+    from bots.botsjobqueue.jobqueue import Job
+    from bots.botsjobqueue.processes import RunLocks
+    from bots.botsjobqueue.store import StoredJob
+    locks = RunLocks(str(tmp_path), 2)
+    fd = locks.take_runner(1)
+    locks.mark(fd, Job(12345678901, 5, ('x',), 1, 0))
+    locks.mark(fd, Job(7, 5, ('x',), 1, 0))                 # a shorter mark overwrites a longer one
+    holder = _holding(fd)
+    os.close(fd)
+    try:
+        assert locks.claims() == {7: (1, 1, 0)}
+        stored = StoredJob(*[None] * 13)._replace(jobnumber=7, runner=1)
+        assert locks.runs(stored) is True
+        assert locks.runs(stored._replace(jobnumber=6)) is False     # the runner's job before: ended
+        assert locks.take_runner(1) is None
+    finally:
+        holder.kill()
+        holder.wait()
+    assert locks.claims() == {}
+    assert locks.runs(stored) is False
+
+
+def test_a_reserved_start_is_stored_even_when_cleared_meanwhile_and_a_locked_store_refuses_it(tmp_path):
+    import sqlite3
+    from bots.botsjobqueue.jobqueue import Job
+    from bots.botsjobqueue.store import StoreBusy
+    path = str(tmp_path / 'jobqueue.db')
+    store = Store(path)
+    jobnumber = store.add(5, ['x', 'one'])
+    # Taken from the queue's memory, then the queue is cleared before its start is recorded.
+    store.remove_waiting()
+    reservation = store.reserve()
+    reservation.commit(Job(jobnumber, 5, ('x', 'one')), 2, 1.0, 4242, 'start', None, 'out')
+    (stored,) = list(store.load())
+    assert (stored.jobnumber, stored.state, stored.runner, stored.pid, stored.task) == \
+        (jobnumber, 'running', 2, 4242, ['x', 'one'])
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute('BEGIN EXCLUSIVE')
+    with pytest.raises(StoreBusy):
+        store.reserve()
+    other.execute('ROLLBACK')
+    other.close()
+    store.reserve().cancel()
+    assert store.add(5, ['x', 'two']) == jobnumber + 1
+    store.close()
+
+
 # ---- the HTTP head
 def test_a_request_head_is_read_one_way_only():
     method, path, version, headers, keep_alive = httphead.parse_head(

@@ -20,6 +20,7 @@ Each job known here is in ``active`` - starting, running, or ended and not
 yet recorded - which ``jobstates.JobStates`` asks with the queue and the
 store.
 """
+import itertools
 import logging
 import os
 import signal
@@ -39,8 +40,10 @@ from .runner import TRACE, Runner
 from .store import StoreBusy, StoreRefused, patiently
 from .timers import Timers
 
-# Test hook: the fault tests set this to kill the server at a chosen instant of a start.
-KILL_AT = os.environ.get('BOTS_JOBQUEUE_TEST_KILL_AT', '')
+# Test hook: the fault tests set this to kill the server at a chosen instant of a start
+# ('spawned': right after the fork of the first job; 'spawned:2': of the second).
+KILL_AT, _, _nth = os.environ.get('BOTS_JOBQUEUE_TEST_KILL_AT', '').partition(':')
+KILL_AFTER = itertools.count(2 - int(_nth or 1))      # the kill comes when it reaches 1
 
 # Exit codes of a job ended by the shutdown signal itself (a Ctrl-C reaches a job still being spawned).
 SHUTDOWN_EXITCODES = (-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT)
@@ -242,7 +245,7 @@ class Launcher:
                 return None
             if TRACE:
                 TRACE('forked', job.jobnumber)
-            if KILL_AT == 'spawned':
+            if KILL_AT == 'spawned' and next(KILL_AFTER) == 1:
                 os.kill(os.getpid(), signal.SIGKILL)
         except BaseException:
             if reservation is not None:
@@ -260,6 +263,8 @@ class Launcher:
             try:
                 reservation.commit(job, runner, *details, done=claim[0])
                 claim[0] = None
+                if TRACE:
+                    TRACE('stored', job.jobnumber)
                 if trouble is not None:
                     trouble.recovered()
             except (sqlite3.Error, OSError, StoreBusy):
