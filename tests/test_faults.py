@@ -65,6 +65,20 @@ def test_a_kill_between_the_fork_and_its_record_adopts_the_job_the_store_still_h
     assert overlaps(sorted(runs, key=lambda run: run['start'])) == []
 
 
+def test_the_lock_files_deleted_while_the_server_runs_stop_no_job(environment):
+    """An operator clears botssys/jobqueue/running/ (files that look stale): the next job starts
+    all the same - its runner makes the directory again."""
+    import shutil
+    environment.start_server()
+    proxy = environment.proxy()
+    proxy.addjob(environment.engine('before'), 5)
+    wait_until(lambda: len(environment.runs()) == 1, message='the first job to end')
+    shutil.rmtree(os.path.join(environment.botssys, 'jobqueue', 'running'))
+    proxy.addjob(environment.engine('after'), 5)
+    wait_until(lambda: len(environment.runs()) == 2, timeout=30, message='the next job to run')
+    assert os.path.isfile(os.path.join(environment.botssys, 'jobqueue', 'running', 'runner-1.lock'))
+
+
 def adopted_after_restart(environment, jobqueue, *engine_args):
     """A server killed while its job runs, and started again: it has adopted the job."""
     environment.write_ini(jobqueue=jobqueue)

@@ -212,12 +212,12 @@ class Launcher:
             # The capture reads the pipe before the job can write to it: should the server die at
             # any instant from here on, the job never meets a pipe without a reader.
             capture = self.outputs.capture(read_end, path, job.jobnumber)
-            if lock is None:
-                lock = self.locks.take_job(job.jobnumber)
-            self.locks.mark(lock, job)
             if TRACE:
                 TRACE('captured', job.jobnumber)
             try:
+                if lock is None:
+                    lock = self.locks.take_job(job.jobnumber)
+                self.locks.mark(lock, job)
                 if self.claims_after_start:
                     reservation = self.store.reserve()
                 process = self._spawn(command, write_end, lock, job.jobnumber)

@@ -188,8 +188,16 @@ class RunLocks:
         return False
 
     def _take(self, path, create=True):
-        """``path`` opened and locked; None when another process holds its lock."""
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
+        """``path`` opened and locked; None when another process holds its lock.  A lock directory
+        that was deleted (by an operator clearing files that look stale) is made again."""
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            if not create:
+                raise
+            os.makedirs(self.directory, exist_ok=True)
+            fd = os.open(path, flags, 0o600)
         try:
             self._fcntl.flock(fd, self._fcntl.LOCK_EX | self._fcntl.LOCK_NB)
         except BlockingIOError:

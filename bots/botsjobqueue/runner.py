@@ -78,7 +78,10 @@ class Runner:
         the job to its end.  False once the queue is closed and nothing is left to do."""
         launcher = self.launcher
         if self.lock is None:
-            self.lock = launcher.locks.take_runner(self.number)
+            try:
+                self.lock = launcher.locks.take_runner(self.number)
+            except OSError as exc:         # the job gets a file of its own, or cannot start (and says why)
+                launcher.logger.warning('The lock file of runner %d cannot be taken: %s', self.number, exc)
         after = launcher.claims_after_start
         try:
             job = launcher.queue.take(block=not self.ended, done=self.done, runner=self.number,
