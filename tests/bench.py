@@ -168,11 +168,14 @@ def _connects(port):
         return False
 
 
-def fill_store(environment, count):
-    """Store ``count`` waiting jobs the way the server stores them, in one transaction."""
+def fill_store(environment, count, first=None):
+    """Store ``count`` waiting jobs the way the server stores them, in one transaction (after the
+    task ``first``, when given, as job 1 of priority 1: the first to run)."""
     path = os.path.join(environment.root, 'botssys', 'jobqueue.db')
     Store(path).close()
     with sqlite3.connect(path) as db:
+        if first is not None:
+            db.execute('INSERT INTO job (priority, task) VALUES (1, ?)', (json.dumps(first),))
         db.executemany('INSERT INTO job (priority, task) VALUES (?, ?)',
                        ((1 + number % 9, json.dumps(environment.engine('stored-%d' % number)))
                         for number in range(count)))
@@ -183,11 +186,14 @@ def bench_addjob(results, root):
     for depth in (0, DEPTH):
         environment = Environment(os.path.join(root, 'addjob-%d' % depth))
         blocker = environment.engine('blocker', '--sleep=3600')
-        if depth:
-            fill_store(environment, depth)
-        environment.start_server()
         # A long first job keeps the runner busy, so added jobs wait (and the CPU is the server's).
-        environment.proxy().addjob(blocker, 1)
+        # With a filled store it is stored first: added after the start, it would come after the
+        # stored jobs of priority 1, which would run meanwhile.
+        if depth:
+            fill_store(environment, depth, first=blocker)
+        environment.start_server()
+        if not depth:
+            environment.proxy().addjob(blocker, 1)
         # Rounds taken in turn, each figure the median of its rounds: the machine's noise hits both.
         ours, reference = [], []
         for round_number in range(3):
@@ -213,10 +219,12 @@ def bench_page(results, root):
     import urllib.request
     for depth in (0, DEPTH):
         environment = Environment(os.path.join(root, 'page-%d' % depth))
+        blocker = environment.engine('blocker', '--sleep=3600')
         if depth:
-            fill_store(environment, depth)
+            fill_store(environment, depth, first=blocker)      # (see bench_addjob)
         environment.start_server()
-        environment.proxy().addjob(environment.engine('blocker', '--sleep=3600'), 1)
+        if not depth:
+            environment.proxy().addjob(blocker, 1)
         with_page, without = [], []
         for round_number in range(3):
             without.append(client_rate(environment.port, environment.engine('plain-%d' % round_number)))
