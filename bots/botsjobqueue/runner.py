@@ -89,7 +89,7 @@ class Runner:
         except (sqlite3.Error, OSError, StoreBusy) as exc:
             self.trouble.failed(exc)       # waits a while; the job is still first in the queue
             return True
-        if not after:
+        if not after or job is None:
             self.trouble.recovered()       # (else the start's commit tells: see Launcher._start)
         done, self.done = (self.done if after and job is not None else None), None
         if TRACE and job is not None:
