@@ -279,7 +279,12 @@ class JobQueue:
                             done = None            # recorded all the same; the job went elsewhere
                             continue
                         except BaseException:
-                            self._unpop(job)       # not marked running: it is still the next job to take
+                            # Not marked running: it is still the next job to take (no runner is woken
+                            # for it: the store failed just now).
+                            self._waiting[job.jobnumber] = job
+                            self._by_task[job.task] = job
+                            self._bytes += task_size(job.task)
+                            heapq.heappush(self._heap, (job.priority, job.jobnumber))
                             raise
                         if taken is not None:
                             taken(job)
@@ -301,14 +306,7 @@ class JobQueue:
                 except Exception:        # the store fails: its row waits on, and is queued at the next start
                     pass
             else:
-                self._unpop(job)
-                self._changed.notify()
-
-    def _unpop(self, job):
-        self._waiting[job.jobnumber] = job
-        self._by_task[job.task] = job
-        self._bytes += task_size(job.task)
-        heapq.heappush(self._heap, (job.priority, job.jobnumber))
+                self._insert(job)
 
     def wait_again(self, job, delay=0):
         """Put a job that did not get to run (or must run again) back in the queue."""
