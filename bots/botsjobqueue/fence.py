@@ -130,18 +130,11 @@ class FenceProcess:
         """(With the lock held.)  End every job once the lease is past its time."""
         for pid, child in self.children.items():
             if now >= self.kill_at and child[2] < 2:
-                _signal_group(pid, KILL)
+                signal_group(pid, KILL)
                 child[2] = 2
             elif now >= self.term_at and child[2] < 1:
-                _signal_group(pid, signal.SIGTERM)
+                signal_group(pid, signal.SIGTERM)
                 child[2] = 1
-
-
-def _signal_group(pid, signum):
-    try:
-        os.killpg(pid, signum)
-    except OSError:
-        pass
 
 
 def main():
@@ -220,11 +213,11 @@ class Fence:
 
     def spawn(self, command, output, lock, jobnumber):
         """Start a job through the fence; its FencedChild.  LeaseLost when refused."""
+        if self.process.poll() is not None:
+            raise LeaseLost()               # no fence: no start, until the next renewal starts one
         waiter = [threading.Event(), None]
         with self._lock:
             self._answers[jobnumber] = waiter
-        if self.process.poll() is not None:
-            raise LeaseLost()               # no fence: no start, until the next renewal starts one
         ended, ended_there = os.pipe()
         try:
             self._send({'run': list(command), 'job': jobnumber},
