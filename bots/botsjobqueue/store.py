@@ -336,7 +336,7 @@ class Store:
         steps = [lambda: self._db.execute("UPDATE job SET state = 'running', started = ?, runner = ? "
                                           "WHERE jobnumber = ?", (time.time(), runner, jobnumber))]
         if done is not None:
-            steps.insert(0, lambda: self._finish(done.job, done.started, done.ended, done.exitcode, done.status, ''))
+            steps.insert(0, lambda: self._finish_ended(done))
         self._transaction(*steps)
 
     def reserve(self):
@@ -363,7 +363,7 @@ class Store:
         # The whole row is written: a job cleared from the queue in the instant of its start is
         # stored all the same.
         if done is not None:
-            self._finish(done.job, done.started, done.ended, done.exitcode, done.status, '')
+            self._finish_ended(done)
         self._db.execute(
             "INSERT INTO job (jobnumber, priority, task, state, requeued, locked, started, pid, pid_start, "
             "relay_pid, output, runner) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -376,7 +376,10 @@ class Store:
     def finish_ended(self, done):
         """Move an ended job (``job``, ``started``, ``ended``, ``exitcode``, ``status``) from the
         queue to the history, its output to come (``set_output``)."""
-        self.finish(done.job, done.started, done.ended, done.exitcode, done.status, '')
+        self._transaction(lambda: self._finish_ended(done))
+
+    def _finish_ended(self, done):
+        self._finish(done.job, done.started, done.ended, done.exitcode, done.status, '')
 
     def set_process(self, jobnumber, pid, pid_start, relay_pid, output):
         self._run('UPDATE job SET pid = ?, pid_start = ?, relay_pid = ?, output = ? '
