@@ -74,9 +74,14 @@ def test_the_lock_files_deleted_while_the_server_runs_stop_no_job(environment):
     proxy.addjob(environment.engine('before'), 5)
     wait_until(lambda: len(environment.runs()) == 1, message='the first job to end')
     shutil.rmtree(os.path.join(environment.botssys, 'jobqueue', 'running'))
-    proxy.addjob(environment.engine('after'), 5)
-    wait_until(lambda: len(environment.runs()) == 2, timeout=30, message='the next job to run')
-    assert os.path.isfile(os.path.join(environment.botssys, 'jobqueue', 'running', 'runner-1.lock'))
+    # The runner may hold its file for the next job already (open, now unlinked): the job after
+    # that one is the first to need the directory again.
+    proxy.addjob(environment.engine('after-1'), 5)
+    proxy.addjob(environment.engine('after-2'), 5)
+    wait_until(lambda: len(environment.runs()) == 3, timeout=30, message='the next two jobs to run')
+    assert [run['argv'][0] for run in environment.runs()] == ['before', 'after-1', 'after-2']
+    wait_until(lambda: os.path.isfile(os.path.join(environment.botssys, 'jobqueue', 'running', 'runner-1.lock')),
+               timeout=10, message='the runner to make its lock file again')
 
 
 def adopted_after_restart(environment, jobqueue, *engine_args):
