@@ -57,6 +57,20 @@ CLIENT = textwrap.dedent('''
     print(calls / (time.perf_counter() - started))
 ''')
 
+# The floor of any launcher written in Python: the probe jobs one after the other with nothing
+# but Popen (the same options as the server's) and wait - no queue, no store, no output kept.
+BARE_LAUNCHER = textwrap.dedent('''
+    import os, subprocess, sys
+    probe, record, jobs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    for number in range(jobs):
+        read_end, write_end = os.pipe()
+        process = subprocess.Popen([probe, record, str(number)], stdin=subprocess.DEVNULL, stdout=write_end,
+                                   stderr=write_end, close_fds=True, start_new_session=True)
+        os.close(write_end)
+        process.wait()
+        os.close(read_end)
+''')
+
 PROBE = '#!/bin/sh\necho "S $(date +%s%N) $2" >> "$1"\necho "E $(date +%s%N) $2" >> "$1"\n'
 
 
@@ -293,7 +307,7 @@ def bench_dispatch(results, root, jobs=30, rounds=6, ini_extra='', label='', tar
     env = dict(os.environ, TS_SOCKET=os.path.join(root, 'tsp.socket'), TS_MAXFINISHED='1000', TMPDIR=root)
     if tsp:
         subprocess.run([tsp, '-S', '1'], env=env, check=True, capture_output=True)
-    ours, reference, records = [], [], []
+    ours, reference, bare, records = [], [], [], []
     for round_number in range(rounds):
         record = os.path.join(base, 'ours-%d.txt' % round_number)
         proxy.addjob(environment.engine('gate-%d' % round_number, '--sleep=1'), 1)
@@ -310,6 +324,10 @@ def bench_dispatch(results, root, jobs=30, rounds=6, ini_extra='', label='', tar
                                capture_output=True)
             wait_for(lambda: _lines(record) == 2 * jobs, timeout=120, interval=0.05)
             reference.extend(read_probe(record))
+        if not ini_extra:
+            record = os.path.join(base, 'bare-%d.txt' % round_number)
+            subprocess.run([sys.executable, '-c', BARE_LAUNCHER, environment.probe, record, str(jobs)], check=True)
+            bare.extend(read_probe(record))
     history = proxy.history(10000)
     environment.stop_server()
     dispatch_breakdown(results, records, history, trace, label)
@@ -325,6 +343,15 @@ def bench_dispatch(results, root, jobs=30, rounds=6, ini_extra='', label='', tar
         mine, theirs = percentile(ours, fraction) * 1000, percentile(reference, fraction) * 1000
         results.append(('dispatch gap ms%s, %s (%d gaps)' % (label, name, len(ours)), mine, theirs, mine / theirs,
                         '<= %s' % target, mine / theirs <= target))
+    if bare:
+        # For information: how near that floor the target lies on this machine, and how near it we are.
+        for name, fraction in (('median', 0.5), ('p90', 0.9)):
+            floor, theirs = percentile(bare, fraction) * 1000, percentile(reference, fraction) * 1000
+            results.append(('  floor: a bare Python loop (Popen + wait) vs tsp, %s ms' % name, floor, theirs,
+                            floor / theirs, '-', None))
+        floor = statistics.median(bare) * 1000
+        results.append(('  ours vs that bare Python loop, median ms', statistics.median(ours) * 1000, floor,
+                        statistics.median(ours) * 1000 / floor, '-', None))
 
 
 def _health(environment):
@@ -409,7 +436,8 @@ BREAKDOWN = (('the child ends -> the runner sees it (wait)', 'E', 'ended'),
              ("runner's lock file, next job taken (a shared store: + one commit)", 'decided', 'taken'),
              ('authorization checked again', 'taken', 'authorized'),
              ('pipe handed to the output keeper', 'authorized', 'captured'),
-             ('fork and exec (Popen returns)', 'captured', 'forked'),
+             ("the job named in its lock file (SQLite: the store's write lock taken)", 'captured', 'reserved'),
+             ('fork and exec (Popen returns)', 'reserved', 'forked'),
              ("the job's own start, to its first stamp", 'forked', 'S'),
              ('(meanwhile: SQLite records the start and the end before it in one commit)', 'forked', 'stored'))
 
@@ -438,7 +466,7 @@ def dispatch_breakdown(results, records, history, trace, prefix=''):
             this, following = number_of.get((record, number)), number_of.get((record, number + 1))
             moments = {'E': stamps.get(('E', number)), 'S': stamps.get(('S', number + 1)),
                        'ended': steps.get(('ended', this)), 'decided': steps.get(('decided', this))}
-            for step in ('taken', 'authorized', 'captured', 'forked', 'stored'):
+            for step in ('taken', 'authorized', 'captured', 'reserved', 'forked', 'stored'):
                 moments[step] = steps.get((step, following))
             for label, start, end in BREAKDOWN:
                 if moments[start] is not None and moments[end] is not None:

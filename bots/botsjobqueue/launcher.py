@@ -220,6 +220,8 @@ class Launcher:
                 self.locks.mark(lock, job)
                 if self.claims_after_start:
                     reservation = self.store.reserve()
+                if TRACE:
+                    TRACE('reserved', job.jobnumber)
                 process = self._spawn(command, write_end, lock, job.jobnumber)
             except (sqlite3.Error, StoreBusy) as exc:       # the reservation: the store cannot record it
                 self.locks.remove(job.jobnumber)
