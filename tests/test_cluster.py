@@ -111,7 +111,7 @@ class Proxy:
 class Cluster:
     """``count`` servers on one store, each in an environment of its own."""
 
-    def __init__(self, root, url, count, urls=None):
+    def __init__(self, root, url, count, urls=None, jobqueue='', extra=''):
         self.root = str(root)
         self.record = os.path.join(self.root, 'runs.jsonl')
         self.lockfile = os.path.join(self.root, 'engine.lock')
@@ -119,8 +119,8 @@ class Cluster:
         for number in range(count):
             env = Environment(os.path.join(self.root, 'machine%d' % number))
             env.record = self.record
-            env.write_ini(jobqueue='store = %s\nlease_ttl = %s\nlease_margin = %s\nfence_grace = 1'
-                          % ((urls or {}).get(number, url), TTL, MARGIN))
+            env.write_ini(jobqueue='store = %s\nlease_ttl = %s\nlease_margin = %s\nfence_grace = 1\n%s'
+                          % ((urls or {}).get(number, url), TTL, MARGIN, jobqueue), extra=extra)
             self.servers.append(env)
 
     def start(self, number):
@@ -186,8 +186,8 @@ class Cluster:
 def cluster_of(tmp_path):
     made = []
 
-    def make(url, count, urls=None):
-        made.append(Cluster(tmp_path, url, count, urls))
+    def make(url, count, urls=None, **ini):
+        made.append(Cluster(tmp_path, url, count, urls, **ini))
         return made[-1]
     yield make
     for cluster in made:
@@ -500,6 +500,69 @@ def test_a_task_queued_again_while_it_waits_already(database):
         assert store.admit(3, task) == (True, second, 5)  # a duplicate of another priority: moved up
     finally:
         store.close()
+
+
+@pytest.mark.timeout(180)
+def test_schedules_fire_at_the_leader_once_and_after_a_takeover(database, cluster_of):
+    """Every server has the same schedule: while both run, each of its times starts one job (the
+    leader fires, the standby does not); after kill -9 of the leader the next one fires - the
+    times missed meanwhile once (catchup = once) - and never in a burst."""
+    _, url = database
+    cluster = cluster_of(url, 2, extra='[schedule_tick]\nwhen = */2 * * * * *\narguments = --tag=tick --sleep=0.1')
+    cluster.start(0)
+    leader = cluster.leader()
+    cluster.start(1)
+
+    def ticks(after=0.0):
+        return [entry['time'] for entry in cluster.runs('start') if tag_of(entry) == 'tick' and entry['time'] > after]
+    wait_until(lambda: len(ticks()) >= 4, timeout=30, message='four times of the schedule')
+    killed = time.time()
+    cluster.servers[leader].server.kill()
+    cluster.servers[leader].server.wait()
+    wait_until(lambda: len(ticks(killed + TTL + MARGIN + 2)) >= 2, timeout=TTL + MARGIN + 30,
+               message='the schedule at the next leader')
+    before, after = ticks()[:4], ticks(killed)
+    print('schedule (%s): started at +%s s of the kill' % (database[0].kind, [round(t - killed, 1) for t in after]))
+    # Two servers, one firing per time.  At the takeover: the run the kill cut off, queued again
+    # (when the kill hit one), and the times missed without a leader, once; then its times.
+    assert all(b - a >= 1.5 for a, b in zip(before, before[1:]))
+    at_takeover = [t for t in after if t < after[0] + 1]
+    assert len(at_takeover) <= 2
+    assert all(b - a >= 1.5 for a, b in zip(after[len(at_takeover):], after[len(at_takeover) + 1:]))
+    assert min(after) - killed <= TTL + MARGIN + 5
+    assert cluster.overlaps() == []
+    assert '(schedule [schedule_tick])' in cluster.servers[1 - leader].log()
+
+
+@pytest.mark.timeout(120)
+def test_a_run_locked_out_waits_its_delay_at_the_next_leader(database, cluster_of, tmp_path):
+    """An engine run that ended with exit code 3 (database locked) waits locked_retry_delay; the
+    leader dies meanwhile: the next leader runs it, once, not before its time."""
+    _, url = database
+    cluster = cluster_of(url, 2, jobqueue='locked_retry_delay = 6')
+    cluster.start(0)
+    leader = cluster.leader()
+    cluster.start(1)
+    exit_file = str(tmp_path / 'exit')
+    with open(exit_file, 'w') as handle:
+        handle.write('3')
+    assert cluster.add(leader, cluster.engine('--tag=locked', '--exit-file=' + exit_file)) == 0
+    # Killed once the standby, too, has it as delayed (killed sooner, the leader's death would have
+    # cut the run off before its end was seen: it would run again at once, as after a crash).
+    wait_until(lambda: cluster.servers[1 - leader].proxy().status()['retry_at'], message='the run delayed')
+    with open(exit_file, 'w') as handle:
+        handle.write('0')
+    cluster.servers[leader].server.kill()
+    cluster.servers[leader].server.wait()
+    wait_until(lambda: len([entry for entry in cluster.runs('end') if tag_of(entry) == 'locked']) == 2,
+               timeout=60, message='its second run')
+    starts = [entry['time'] for entry in cluster.runs('start') if tag_of(entry) == 'locked']
+    print('locked out (%s): run again %.1f s later' % (database[0].kind, starts[1] - starts[0]))
+    assert len(starts) == 2 and starts[1] - starts[0] >= 6 - 0.5
+    wait_until(lambda: cluster.servers[1 - leader].proxy().history(10), message='its record')
+    record, = [entry for entry in cluster.servers[1 - leader].proxy().history(10) if '--tag=locked' in entry['task']]
+    assert record['exitcode'] == 0 and [attempt['exitcode'] for attempt in record['attempts']] == [3]
+    assert cluster.overlaps() == []
 
 
 @pytest.mark.timeout(180)
