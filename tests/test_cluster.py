@@ -431,6 +431,28 @@ def test_leader_cut_off_from_the_database(database, cluster_of, tmp_path):
         proxy.close()
 
 
+@pytest.mark.timeout(120)
+def test_an_add_when_the_database_is_out_of_reach_is_refused_in_words(database, cluster_of):
+    """The database goes out of reach: an add is refused - job2queue exits 1 with one line that
+    says the store fails, not an exception's class - and the server logs it."""
+    server, url = database
+    proxy = Proxy(server.port)
+    try:
+        cluster = cluster_of(url.replace(':%d/' % server.port, ':%d/' % proxy.port), 1)
+        env = cluster.start(0)
+        assert cluster.add(0, cluster.engine('--tag=before', '--sleep=0')) == 0
+        proxy.cut()
+        proxy.close()                      # its connections end, new ones are refused
+        time.sleep(0.5)
+        sent = env.job2queue(*cluster.engine('--tag=during'))
+        assert sent.returncode == 1
+        assert sent.stderr.count('\n') == 1 and 'the job store fails (the database ' in sent.stderr, sent.stderr
+        assert '<class' not in sent.stderr and 'Traceback' not in sent.stderr
+        assert 'The job store fails: addjob from 127.0.0.1 is not done' in env.log()
+    finally:
+        proxy.close()
+
+
 LIBFAKETIME = '/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1'
 
 

@@ -34,6 +34,7 @@ import logging
 import queue
 import selectors
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -425,6 +426,16 @@ class JobQueueRPCServer:
         except StoreBusy:
             self._store_busy = True
             return 0
+        except (sqlite3.Error, OSError) as exc:
+            raise self._store_fails(method, CLIENT.get(), exc) from exc
+
+    def _store_fails(self, method, client, exc):
+        """The Fault of a call whose store failed (a full disk, a database out of reach): logged,
+        and said in words, not as an exception's class.  Sent again, an add that was stored after
+        all meets the duplicate rule."""
+        self.refusals.log(logging.ERROR, 'store', client, 'The job store fails: %s from %s is not done (%s).',
+                          method, client, exc)
+        return xmlrpc.client.Fault(1, 'the job store fails (%s): not done, try again' % exc)
 
     def _retry_later(self, connection, body):
         connection.state = 'waiting'
@@ -452,6 +463,8 @@ class JobQueueRPCServer:
         try:
             return patiently(self.dispatcher._dispatch, method, params,
                              patience=max(0.0, deadline - time.monotonic()))
+        except (sqlite3.Error, OSError) as exc:
+            raise self._store_fails(method, client, exc) from exc
         except StoreBusy:
             self.refusals.log(logging.WARNING, 'busy', client, 'The job store is locked by another process: %s '
                               'from %s is not stored; the client is told to try again.', method, client)
