@@ -94,8 +94,10 @@ class JobStates:
             for job in self.store.running_elsewhere():
                 if job['jobnumber'] == jobnumber:
                     return dict(job, state='running')
-        active = self.launcher.get(jobnumber)    # starting, or ended and not recorded yet
-        return active.as_dict() if active is not None else {}
+        # Starting, or ended and not recorded yet - or running by now: it left the queue while it
+        # was looked for, and started before this second look.
+        active = self.launcher.get(jobnumber)
+        return dict(active.as_dict(), state=active.state) if active is not None else {}
 
     def output_tail(self, jobnumber, size):
         """The end of a running job's output so far."""
