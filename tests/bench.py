@@ -349,9 +349,8 @@ def bench_dispatch(results, root, jobs=30, rounds=6, ini_extra='', label='', tar
             floor, theirs = percentile(bare, fraction) * 1000, percentile(reference, fraction) * 1000
             results.append(('  floor: a bare Python loop (Popen + wait) vs tsp, %s ms' % name, floor, theirs,
                             floor / theirs, '-', None))
-        floor = statistics.median(bare) * 1000
-        results.append(('  ours vs that bare Python loop, median ms', statistics.median(ours) * 1000, floor,
-                        statistics.median(ours) * 1000 / floor, '-', None))
+        mine, floor = percentile(ours, 0.5) * 1000, percentile(bare, 0.5) * 1000
+        results.append(('  ours vs that bare Python loop, median ms', mine, floor, mine / floor, '-', None))
 
 
 def _health(environment):

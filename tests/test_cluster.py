@@ -441,7 +441,6 @@ def test_an_add_when_the_database_is_out_of_reach_is_refused_in_words(database, 
         cluster = cluster_of(url.replace(':%d/' % server.port, ':%d/' % proxy.port), 1)
         env = cluster.start(0)
         assert cluster.add(0, cluster.engine('--tag=before', '--sleep=0')) == 0
-        proxy.cut()
         proxy.close()                      # its connections end, new ones are refused
         time.sleep(0.5)
         sent = env.job2queue(*cluster.engine('--tag=during'))
@@ -581,8 +580,8 @@ def test_a_run_locked_out_waits_its_delay_at_the_next_leader(database, cluster_o
     starts = [entry['time'] for entry in cluster.runs('start') if tag_of(entry) == 'locked']
     print('locked out (%s): run again %.1f s later' % (database[0].kind, starts[1] - starts[0]))
     assert len(starts) == 2 and starts[1] - starts[0] >= 6 - 0.5
-    wait_until(lambda: cluster.servers[1 - leader].proxy().history(10), message='its record')
-    record, = [entry for entry in cluster.servers[1 - leader].proxy().history(10) if '--tag=locked' in entry['task']]
+    record, = wait_until(lambda: [entry for entry in cluster.servers[1 - leader].proxy().history(10)
+                                  if '--tag=locked' in entry['task']], message='its record')
     assert record['exitcode'] == 0 and [attempt['exitcode'] for attempt in record['attempts']] == [3]
     assert cluster.overlaps() == []
 
