@@ -84,6 +84,16 @@ class PostgreSQL:
                                         stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.directory,
                                                                                             'server.log'), 'a'))
         _wait_for_port(self.port, self.process, 'PostgreSQL')
+        # It listens before it takes sessions ("the database system is starting up").
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.connect(database='postgres').close()
+                return
+            except Exception:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise
+                time.sleep(0.1)
 
     def restart(self, down=0.0):
         """Stop the database server (fast shutdown: sessions are ended), wait ``down`` seconds, start it again."""
