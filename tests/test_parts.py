@@ -15,7 +15,7 @@ from bots.botsjobqueue.authorize import Authorizer
 from bots.botsjobqueue.jobqueue import JobQueue
 from bots.botsjobqueue.launcher import Launcher, LaunchSettings
 from bots.botsjobqueue.outputs import CAPTURE_SCRIPT, LOST, CaptureProcess, FileComing, KeptBefore, Outputs
-from bots.botsjobqueue.processes import process_start_time
+from bots.botsjobqueue.processes import is_alive, process_start_time
 from bots.botsjobqueue.report import Reporter
 from bots.botsjobqueue.store import Store
 from bots.botsjobqueue.timers import Timers
@@ -244,6 +244,71 @@ def test_a_reserved_start_is_stored_even_when_cleared_meanwhile_and_a_locked_sto
     store.reserve().cancel()
     assert store.add(5, ['x', 'two']) == jobnumber + 1
     store.close()
+
+
+# ---- the fence (a shared store's leader starts its jobs through it)
+@pytest.fixture
+def fence():
+    from bots.botsjobqueue.fence import Fence
+    fence = Fence(LOGGER)
+    yield fence
+    fence.close()
+
+
+def _fenced(fence, argv, output=None):
+    read_end, write_end = os.pipe()
+    try:
+        return fence.spawn(argv, write_end, None, 1), read_end
+    finally:
+        os.close(write_end)
+
+
+def test_the_fence_starts_a_job_while_the_lease_holds_and_reports_its_end(fence):
+    now = time.monotonic()
+    fence.hold(now + 60, now + 61)
+    child, output = _fenced(fence, [sys.executable, '-c', 'import time; time.sleep(1); print("hi"); exit(7)'])
+    assert child.pid > 0 and process_start_time(child.pid) is not None
+    assert child.ended_within(0.05) is False              # it runs
+    assert child.ended_within(30) is True
+    assert (child.wait(), child.fenced) == (7, False)
+    assert os.read(output, 100) == b'hi\n'
+    os.close(output)
+    # A job that ends before its start is answered: the end came with the answer.
+    quick, output = _fenced(fence, ['true'])
+    assert quick.ended_within(30) is True and quick.wait() == 0
+    os.close(output)
+
+
+def test_the_fence_refuses_a_start_once_the_lease_ran_out_and_says_why_a_start_fails(fence):
+    from bots.botsjobqueue.fence import LeaseLost
+    now = time.monotonic()
+    fence.hold(now - 1, now + 60)
+    with pytest.raises(LeaseLost):
+        _fenced(fence, ['true'])
+    fence.hold(now + 60, now + 61)
+    with pytest.raises(OSError, match='no-such-program'):
+        _fenced(fence, ['/nonexistent/no-such-program'])
+
+
+def test_the_fence_ends_its_job_when_the_lease_runs_out(fence):
+    now = time.monotonic()
+    fence.hold(now + 60, now + 61)
+    child, output = _fenced(fence, [sys.executable, '-c', 'import time; time.sleep(60)'])
+    os.close(output)
+    fence.hold(time.monotonic() + 0.5, time.monotonic() + 1.5)      # the lease was not renewed
+    assert child.ended_within(30) is True
+    assert (child.wait(), child.fenced) == (-signal.SIGTERM, True)
+
+
+def test_a_job_whose_fence_is_killed_is_ended_by_the_server(fence):
+    now = time.monotonic()
+    fence.hold(now + 60, now + 61)
+    child, output = _fenced(fence, [sys.executable, '-c', 'import time; time.sleep(60)'])
+    os.close(output)
+    fence.process.kill()
+    assert child.ended_within(30) is True
+    assert child.wait() is None and child.fenced is True
+    assert not is_alive(child.pid, None)                    # ended and waited for
 
 
 # ---- the HTTP head

@@ -642,6 +642,12 @@ class DatabaseStore:
                 self._trim(cursor)
         self._run(update)
 
+    def trim_if_due(self):
+        """Trim the history and the change rows when 50 jobs have finished since the last time
+        (``set_process`` does it too, as a job starts)."""
+        if self._finished >= self._trimmed + 50:
+            self._run(self._trim)
+
     def running_elsewhere(self):
         """The jobs stored as running at other servers, as ``status`` shows them."""
         def read(cursor):

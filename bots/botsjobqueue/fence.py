@@ -13,14 +13,17 @@ goes on while the server is stopped).  The fence
 * at that moment sends SIGTERM to the process group of each job it started, and SIGKILL
   ``fence_grace`` seconds later - before the lease can expire in the database (see
   ``cluster.py`` for the margins);
-* reports each job's end (its exit code, and whether it was fenced) on a pipe of the job's
-  own that the runner waiting for it reads; the server records it as for a job it had started
-  itself;
+* answers each start, and later reports the job's end (its exit code, and whether it was
+  fenced), on a pipe of the job's own that the runner starting it reads - no thread of the
+  server's in between; the server records the end as for a job it had started itself;
 * outlives a server that died (its jobs are still fenced at the same moment) and ends once it
   has no job left.
 
-Messages are JSON over a Unix socket pair (SOCK_SEQPACKET: one message a packet), descriptors
-passed alongside (SCM_RIGHTS).  POSIX only: a shared store with a leader needs it.
+The server's messages are JSON over a Unix socket pair (SOCK_SEQPACKET: one message a
+packet), descriptors passed alongside (SCM_RIGHTS).  The fence's answers are lines on the job's
+pipe: ``S <pid>`` (started), ``R`` (refused: the lease does not hold) or ``F <error>``, and
+once the job has ended ``E <exit code> <1 when fenced>``.  POSIX only: a shared store with a
+leader needs it.
 """
 import json
 import os
@@ -49,15 +52,7 @@ class FenceProcess:
         self.kill_at = 0.0          # and SIGKILL
         self.children = {}          # pid -> [jobnumber, popen, signals sent]
         self._lock = threading.Lock()
-        self._send_lock = threading.Lock()
         self.server_gone = False
-
-    def send(self, message):
-        with self._send_lock:
-            try:
-                self.sock.send(json.dumps(message).encode())
-            except OSError:
-                self.server_gone = True
 
     def serve(self):
         while True:
@@ -98,20 +93,21 @@ class FenceProcess:
 
     def _run(self, message, fds):
         jobnumber = message['job']
+        ended = fds[1]                    # the job's pipe to the runner that starts it
         with self._lock:
             if time.monotonic() >= self.term_at:
-                self.send({'refused': jobnumber})
+                _answer(ended, b'R')
                 return
             try:
                 popen = subprocess.Popen(message['run'], stdin=subprocess.DEVNULL, stdout=fds[0], stderr=fds[0],
                                          close_fds=True, pass_fds=tuple(fds[2:]), start_new_session=True)
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
-                self.send({'failed': jobnumber, 'error': str(exc)})
+                _answer(ended, b'F ' + ' '.join(str(exc).split()).encode('utf-8', 'replace'))
                 return
             self.children[popen.pid] = [jobnumber, popen, 0]
-        ended = os.dup(fds[1])            # the received descriptors are closed after this message
+        ended = os.dup(ended)             # the received descriptors are closed after this message
+        _answer(ended, b'S %d' % popen.pid)        # first: the runner waits for it
         threading.Thread(target=self._wait, args=(popen, ended), daemon=True).start()
-        self.send({'started': jobnumber, 'pid': popen.pid})
 
     def _wait(self, popen, ended):
         """Wait for the job; its end goes straight to the runner that waits for it, on its own pipe."""
@@ -120,10 +116,7 @@ class FenceProcess:
             _, _, sent = self.children.pop(popen.pid)
         # Fenced: ended by our signal.  A job that finished by itself as the signal came is not.
         fenced = bool(sent) and code != 0
-        try:
-            os.write(ended, b'%d %d' % (code, fenced))
-        except OSError:
-            pass                            # the server is gone
+        _answer(ended, b'E %d %d' % (code, fenced))
         os.close(ended)
 
     def _fence(self, now):
@@ -137,9 +130,23 @@ class FenceProcess:
                 child[2] = 1
 
 
+def _answer(pipe, line):
+    """One line of the fence's on a job's pipe (whole: far below PIPE_BUF); a server gone is no error."""
+    try:
+        os.write(pipe, line + b'\n')
+    except OSError:
+        pass
+
+
+def _not_for_the_fence(signum, frame):
+    """SIGINT and SIGTERM: the server decides when its jobs stop, not a signal to the fence."""
+
+
 def main():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)       # the server decides when its jobs stop
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Caught, not ignored (SIG_IGN): an ignored signal stays ignored in the jobs the fence starts,
+    # and their SIGTERM (maxruntime, shutdown, the lease's end) would come to nothing.
+    signal.signal(signal.SIGINT, _not_for_the_fence)
+    signal.signal(signal.SIGTERM, _not_for_the_fence)
     sock = socket.socket(fileno=int(sys.argv[1]))
     FenceProcess(sock).serve()
 
@@ -149,16 +156,21 @@ class FencedChild:
     """A job started by the fence: its pid, and its exit code once the fence writes it on the job's
     own pipe (read by the runner that waits for it: no thread between)."""
 
-    def __init__(self, pid, ended):
+    def __init__(self, pid, ended, rest=b''):
         self.pid = pid
         self.code = None
         self.fenced = False
         self._ended = ended          # the read end of the job's pipe
+        self._rest = rest            # what was read of it after the start's answer
         self._start_time = process_start_time(pid)
+
+    def ended_within(self, seconds):
+        """True when the job has ended (or its fence is gone) within ``seconds``."""
+        return bool(self._rest) or bool(select.select([self._ended], [], [], seconds)[0])
 
     def wait(self):
         """Block until the job has ended; its exit code (None when the fence itself is gone)."""
-        chunks = []
+        chunks = [self._rest]
         while True:
             chunk = os.read(self._ended, 64)
             if not chunk:
@@ -166,8 +178,8 @@ class FencedChild:
             chunks.append(chunk)
         os.close(self._ended)
         words = b''.join(chunks).split()
-        if len(words) == 2:
-            self.code, self.fenced = int(words[0]), words[1] == b'1'
+        if len(words) == 3 and words[0] == b'E':
+            self.code, self.fenced = int(words[1]), words[2] == b'1'
         else:
             # The fence was killed: nothing would end this job in time any more.  It is ended
             # here, and waited for, before another can start; it runs again.
@@ -180,11 +192,11 @@ class FencedChild:
 class Fence:
     """The server's handle on its fence process."""
 
+    ANSWER_WAIT = 30                # seconds for a start's answer, before the fence is taken for hung
+
     def __init__(self, logger):
         self.logger = logger
         self._send_lock = threading.Lock()
-        self._lock = threading.Lock()
-        self._answers = {}          # jobnumber -> [Event, answer]
         self._start()
 
     def _start(self):
@@ -194,7 +206,6 @@ class Fence:
                                         start_new_session=True)
         theirs.close()
         self.sock = ours
-        threading.Thread(target=self._read, args=(ours,), name='fence', daemon=True).start()
 
     def _send(self, message, fds=()):
         with self._send_lock:
@@ -215,46 +226,38 @@ class Fence:
         """Start a job through the fence; its FencedChild.  LeaseLost when refused."""
         if self.process.poll() is not None:
             raise LeaseLost()               # no fence: no start, until the next renewal starts one
-        waiter = [threading.Event(), None]
-        with self._lock:
-            self._answers[jobnumber] = waiter
         ended, ended_there = os.pipe()
         try:
-            self._send({'run': list(command), 'job': jobnumber},
-                       [output, ended_there] + ([lock] if lock is not None else []))
-        finally:
-            os.close(ended_there)
-        if not waiter[0].wait(30):
-            os.close(ended)
-            raise OSError('the fence does not answer')
-        answer = waiter[1]
-        if 'started' not in answer:
-            os.close(ended)
-            if 'refused' in answer:
-                raise LeaseLost()
-            raise OSError(answer['error'])
-        return FencedChild(answer['pid'], ended)
-
-    def _read(self, sock):
-        while True:
             try:
-                data = sock.recv(1 << 16)
-            except OSError:
-                data = b''
-            if not data:
+                self._send({'run': list(command), 'job': jobnumber},
+                           [output, ended_there] + ([lock] if lock is not None else []))
+            finally:
+                os.close(ended_there)
+            answer, rest = self._answer(ended)
+        except BaseException:
+            os.close(ended)
+            raise
+        if answer.startswith(b'S '):
+            return FencedChild(int(answer[2:]), ended, rest)
+        os.close(ended)
+        if answer == b'R':
+            raise LeaseLost()
+        raise OSError(answer[2:].decode('utf-8', 'replace') if answer.startswith(b'F ') else 'the fence ended')
+
+    def _answer(self, ended):
+        """The fence's first line on a job's pipe, and what came after it (the job may have ended
+        already); ``b''`` when the fence ended first.  OSError when it does not answer in time."""
+        data = b''
+        deadline = time.monotonic() + self.ANSWER_WAIT
+        while b'\n' not in data:
+            if not select.select([ended], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise OSError('the fence does not answer')
+            chunk = os.read(ended, 64)
+            if not chunk:
                 break
-            message = json.loads(data)
-            jobnumber = message.get('started', message.get('refused', message.get('failed')))
-            with self._lock:
-                waiter = self._answers.pop(jobnumber, None)
-            if waiter is not None:
-                waiter[1] = message
-                waiter[0].set()
-        # The fence is gone (it never ends while it has jobs and we live): the jobs' pipes say so.
-        with self._lock:
-            for waiter in self._answers.values():
-                waiter[1] = {'failed': None, 'error': 'the fence ended'}
-                waiter[0].set()
+            data += chunk
+        line, _, rest = data.partition(b'\n')
+        return line, rest
 
     def close(self):
         """The server stops (its jobs are stopped already): the fence ends."""

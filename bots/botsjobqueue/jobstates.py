@@ -41,6 +41,7 @@ class RunningJob:
         self.timed_out = False
         self.stopped_by_shutdown = False
         self.timers = []
+        self.unstored = None          # its process, not stored yet (see Launcher.supervise)
         # Durations come from the monotonic clock: a wall clock stepped meanwhile changes none.
         self._since = time.monotonic() - max(0.0, time.time() - started)
 

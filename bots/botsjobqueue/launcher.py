@@ -47,6 +47,7 @@ KILL_AFTER = itertools.count(2 - int(_nth or 1))      # the kill comes when it r
 
 # Exit codes of a job ended by the shutdown signal itself (a Ctrl-C reaches a job still being spawned).
 SHUTDOWN_EXITCODES = (-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT)
+STORE_PID_AFTER = 0.5       # seconds a fenced job runs before its pid is stored (see Launcher.supervise)
 
 
 class LaunchSettings:
@@ -272,13 +273,25 @@ class Launcher:
             except (sqlite3.Error, OSError, StoreBusy):
                 self._claim(job, runner, details, claim, trouble)      # tried again while the job runs
             return running
+        if getattr(process, 'ended_within', None) is not None:
+            running.unstored = details[1:]      # a fenced job's process: see supervise
+        else:
+            self._store_process(job, details[1:])
+        return running
+
+    def _tidy_store(self):
         try:
-            patiently(self.store.set_process, job.jobnumber, *details[1:], patience=30)
+            patiently(self.store.trim_if_due, patience=30)
+        except (sqlite3.Error, OSError, StoreBusy) as exc:     # tried again after the next job
+            self.logger.error('The history could not be trimmed: %s', exc)
+
+    def _store_process(self, job, details):
+        try:
+            patiently(self.store.set_process, job.jobnumber, *details, patience=30)
         except (sqlite3.Error, OSError, StoreBusy) as exc:
             # The job is supervised all the same; after a crash its lock file tells that it runs.
             self.logger.error('Job %s (pid %s) runs, but its pid could not be stored: %s',
-                              job.jobnumber, process.pid, exc)
-        return running
+                              job.jobnumber, details[0], exc)
 
     def _claim(self, job, runner, details, claim, trouble):
         """Store a job just started as running, and the runner's ended job with it, in one commit.
@@ -338,6 +351,17 @@ class Launcher:
     def supervise(self, running):
         """Wait for a running job's end - maxruntime and the shutdown act on it meanwhile - and
         return its Ended: what its end means for the queue."""
+        if TRACE:
+            TRACE('waiting', running.job.jobnumber)
+        if running.unstored is not None:
+            # A fenced job (a shared store) is stored as running before its start; its pid is for
+            # the other servers' view alone (a next leader queues the job again, and its fence
+            # has ended it).  A job that ends within STORE_PID_AFTER costs no commit for it.
+            if running.process.ended_within(STORE_PID_AFTER):
+                self._tidy_store()
+            else:
+                self._store_process(running.job, running.unstored)     # (and tidies when due)
+            running.unstored = None
         exitcode = running.process.wait()
         if TRACE:
             TRACE('ended', running.job.jobnumber)
