@@ -319,11 +319,12 @@ class JobQueue:
             self._by_task[job.task] = job
             self._bytes += task_size(job.task)
             # Rare (a shutdown, a locked engine database): worth a short wait for a busy store.
-            if delay > 0:
-                stored = patiently(self._store.wait_again, job.jobnumber, time.time() + delay, job.requeued,
-                                   job.locked, patience=5)
-            else:
-                stored = patiently(self._store.wait_again, job.jobnumber, None, job.requeued, job.locked, patience=5)
+            try:
+                stored = patiently(self._store.wait_again, job.jobnumber, time.time() + delay if delay > 0 else None,
+                                   job.requeued, job.locked, patience=5)
+            except BaseException:
+                self._unindex(job)          # not queued: a call again must not take it for its own copy
+                raise
             if stored is False:
                 # A shared store's job that another server runs now (this one lost the lease), or a
                 # task that waits there already: not to be kept here.

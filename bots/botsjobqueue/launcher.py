@@ -392,13 +392,27 @@ class Launcher:
             running.timers.append(self.timers.add(self.settings.kill_grace, signal_group, running.pid, KILL))
 
     def _back_to_queue(self, job):
-        """Queue a job again that was cut off here.  Should the store fail, its row still says
-        running: the next start (or a shared store's next leader) queues it again."""
-        try:
-            self.queue.wait_again(job)
-        except (sqlite3.Error, OSError, StoreBusy) as exc:
-            self.logger.error('Job %s could not be queued again now (%s); the next start (or leader) does it.',
-                              job.jobnumber, exc)
+        """Queue a job again that was cut off here.  A failing store is tried again every second
+        until it works - the queue cannot go on without it anyway - or the server stops: then its
+        row still says running, and the next start (or a shared store's next leader) queues it
+        again."""
+        failed = False
+        while True:
+            try:
+                self.queue.wait_again(job)
+                if failed:
+                    self.logger.log(25, 'Job %s is queued again.', job.jobnumber)
+                return
+            except (sqlite3.Error, OSError, StoreBusy) as exc:
+                if self._stopping:
+                    self.logger.error('Job %s could not be queued again now (%s); the next start (or leader) '
+                                      'does it.', job.jobnumber, exc)
+                    return
+                if not failed:
+                    self.logger.error('Job %s could not be queued again now (%s); tried again every second.',
+                                      job.jobnumber, exc)
+                failed = True
+                time.sleep(1)
 
     def _cannot_start(self, job, started, reason):
         self.logger.error('Error starting job %s: %s\n    task: %s', job.jobnumber, reason, list(job.task))
