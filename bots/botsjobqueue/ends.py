@@ -117,7 +117,8 @@ class Recorder:
         if end.attempt is not None:           # a run queued again keeps its output like any run
             patiently(self.store.set_attempt_output, end.attempt, output)
         if end.leaves_queue:
-            patiently(self.store.set_output, job.jobnumber, output)     # its record was written at its end
+            if output:            # its record was written at its end, without output: a commit saved
+                patiently(self.store.set_output, job.jobnumber, output)
             if self.metrics is not None:
                 self.metrics.job_finished(exitcode, end.status, end.ended - end.started)
             if exitcode == codes.ENGINE_SYSTEM_ERROR or (exitcode is not None and exitcode < 0):
