@@ -502,6 +502,24 @@ def test_fence_killed(postgres, cluster_of):
     wait_until(lambda: 'A new fence starts' in env.log(), message='a new fence')
 
 
+def test_a_leaders_shutdown_stops_its_job_with_sigterm(postgres, cluster_of):
+    """The leader stops: its job, started by the fence, gets SIGTERM and ends by it (the fence
+    itself takes no SIGTERM; its jobs must not inherit that), rather than by the SIGKILL after
+    kill_grace; it is queued again and the lease is given up."""
+    name = 'queue%d' % next(_numbers)
+    postgres.sql('CREATE DATABASE %s' % name, database='postgres')
+    cluster = cluster_of(postgres.url.rsplit('/', 1)[0] + '/' + name, 1, jobqueue='shutdown_grace = 1\nkill_grace = 30\n')
+    env = cluster.start(0)
+    assert cluster.leader() == 0
+    assert cluster.add(0, cluster.engine('--tag=long', '--sleep=60')) == 0
+    wait_until(lambda: cluster.runs('start'), message='the long job')
+    env.server.send_signal(signal.SIGTERM)
+    assert env.server.wait(20) == 0                # shutdown_grace, then well within kill_grace
+    stopped = [line for line in env.log().splitlines() if 'Stopped job 1 at the shutdown' in line]
+    assert stopped and '(exit code -15)' in stopped[0], env.log()
+    assert cluster.runs('end') == []
+
+
 def test_a_task_queued_again_while_it_waits_already(database):
     """The store of a real database, directly: a running job put back (its lease ran out, say)
     while the same task was queued meanwhile is dropped - one waiting copy is enough - and the
