@@ -9,6 +9,10 @@ taking the next job do not grow with the length of the queue.
 A priority change pushes a fresh heap entry; the stale one is skipped when it
 comes up.  Every change goes to the store inside the same lock, so the stored
 order is the acknowledged order.
+
+At some 430 lines the module holds everything that the queue's one lock
+guards: the heap, the duplicate index, the delayed jobs and, on a shared
+store, the changes of the other servers.
 """
 import heapq
 import sys

@@ -19,6 +19,11 @@ ended job are ``ends.py``.
 Each job known here is in ``active`` - starting, running, or ended and not
 yet recorded - which ``jobstates.JobStates`` asks with the queue and the
 store.
+
+The module is near 500 lines because a job's start, supervision and end all
+change that one state (``active``, the stopping flag, the timers) under one
+lock; what has no need of it - runners, processes, outputs, the fence, the
+end's log and record - lives in the modules named above.
 """
 import itertools
 import logging

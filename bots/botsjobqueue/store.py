@@ -11,6 +11,11 @@ session, a backup tool).  Reads go on meanwhile (WAL); a write waits at most
 held for long: callers that can wait try again with ``patiently()``, an
 ``addjob`` is retried apart from the RPC front until the client's patience
 runs out.
+
+The module is some 460 lines: the schema, its upgrades and every
+transaction of the queue are kept together, so that what one commit holds
+(a start with the end before it, an end with its record) reads in
+one place - as ``dbstore.py`` does for the database servers.
 """
 import collections
 import json
