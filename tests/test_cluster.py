@@ -563,9 +563,11 @@ def test_schedules_fire_at_the_leader_once_and_after_a_takeover(database, cluste
     before, after = ticks()[:4], ticks(killed)
     print('schedule (%s): started at +%s s of the kill' % (database[0].kind, [round(t - killed, 1) for t in after]))
     # Two servers, one firing per time.  At the takeover: the run the kill cut off, queued again
-    # (when the kill hit one), and the times missed without a leader, once; then its times.
+    # (when the kill hit one), and the times missed without a leader, once - both before the
+    # schedule's next time (an even second, which may come a moment later); then its times.
     assert all(b - a >= 1.5 for a, b in zip(before, before[1:]))
-    at_takeover = [t for t in after if t < after[0] + 1]
+    next_time = (int(after[0]) // 2 + 1) * 2
+    at_takeover = [t for t in after if t < next_time]
     assert len(at_takeover) <= 2
     assert all(b - a >= 1.5 for a, b in zip(after[len(at_takeover):], after[len(at_takeover) + 1:]))
     assert min(after) - killed <= TTL + MARGIN + 5
