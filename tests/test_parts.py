@@ -255,7 +255,7 @@ def fence():
     fence.close()
 
 
-def _fenced(fence, argv, output=None):
+def _fenced(fence, argv):
     read_end, write_end = os.pipe()
     try:
         return fence.spawn(argv, write_end, None, 1), read_end
@@ -266,14 +266,14 @@ def _fenced(fence, argv, output=None):
 def test_the_fence_starts_a_job_while_the_lease_holds_and_reports_its_end(fence):
     now = time.monotonic()
     fence.hold(now + 60, now + 61)
-    child, output = _fenced(fence, [sys.executable, '-c', 'import time; time.sleep(1); print("hi"); exit(7)'])
+    child, output = _fenced(fence, [sys.executable, '-c', 'import time; time.sleep(1); print("hi"); raise SystemExit(7)'])
     assert child.pid > 0 and process_start_time(child.pid) is not None
     assert child.ended_within(0.05) is False              # it runs
     assert child.ended_within(30) is True
     assert (child.wait(), child.fenced) == (7, False)
     assert os.read(output, 100) == b'hi\n'
     os.close(output)
-    # A job that ends before its start is answered: the end came with the answer.
+    # A job that ends at once: its end may come in the same read as the start's answer.
     quick, output = _fenced(fence, ['true'])
     assert quick.ended_within(30) is True and quick.wait() == 0
     os.close(output)
