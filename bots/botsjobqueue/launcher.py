@@ -241,7 +241,7 @@ class Launcher:
                 self.logger.warning('Job %s did not start: the lease of this server no longer holds; it waits for '
                                     'the next leader.', job.jobnumber)
                 self.queue.lead(False)          # until the lease is renewed or taken again
-                self._back_to_queue(job)
+                self._back_to_queue(job, trouble)
                 return None
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
                 if reservation is not None:
@@ -353,9 +353,10 @@ class Launcher:
         self.logger.warning('Job %s (pid %s) still runs from before the restart; runner %d starts no job until '
                             'it ends.', job.jobnumber, pid or 'unknown', runner.number)
 
-    def supervise(self, running):
+    def supervise(self, running, trouble=None):
         """Wait for a running job's end - maxruntime and the shutdown act on it meanwhile - and
-        return its Ended: what its end means for the queue."""
+        return its Ended: what its end means for the queue.  ``trouble``: how the runner waits
+        for a failing store (``runner.StoreTrouble``), should the job have to be queued again."""
         if TRACE:
             TRACE('waiting', running.job.jobnumber)
         if running.unstored is not None:
@@ -372,7 +373,7 @@ class Launcher:
             TRACE('ended', running.job.jobnumber)
         for timer in running.timers:
             timer.cancel()
-        end = self._finished(running, exitcode)
+        end = self._finished(running, exitcode, trouble)
         self._set(running.job.jobnumber, end if end.leaves_queue else None)
         if TRACE:
             TRACE('decided', running.job.jobnumber)
@@ -396,28 +397,23 @@ class Launcher:
             signal_group(running.pid, signal.SIGTERM)
             running.timers.append(self.timers.add(self.settings.kill_grace, signal_group, running.pid, KILL))
 
-    def _back_to_queue(self, job):
-        """Queue a job again that was cut off here.  A failing store is tried again every second
-        until it works - the queue cannot go on without it anyway - or the server stops: then its
-        row still says running, and the next start (or a shared store's next leader) queues it
-        again."""
-        failed = False
+    def _back_to_queue(self, job, trouble=None):
+        """Queue a job again that was cut off here.  A failing store is tried again as the runner
+        would (``trouble``: ``runner.StoreTrouble``) - the queue cannot go on without it anyway -
+        until it works or the server stops: then its row still says running, and the next start
+        (or a shared store's next leader) queues it again."""
         while True:
             try:
                 self.queue.wait_again(job)
-                if failed:
-                    self.logger.log(25, 'Job %s is queued again.', job.jobnumber)
+                if trouble is not None:
+                    trouble.recovered()
                 return
             except (sqlite3.Error, OSError, StoreBusy) as exc:
-                if self._stopping:
+                if self._stopping or trouble is None:
                     self.logger.error('Job %s could not be queued again now (%s); the next start (or leader) '
                                       'does it.', job.jobnumber, exc)
                     return
-                if not failed:
-                    self.logger.error('Job %s could not be queued again now (%s); tried again every second.',
-                                      job.jobnumber, exc)
-                failed = True
-                time.sleep(1)
+                trouble.failed(exc)
 
     def _cannot_start(self, job, started, reason):
         self.logger.error('Error starting job %s: %s\n    task: %s', job.jobnumber, reason, list(job.task))
@@ -427,7 +423,7 @@ class Launcher:
         if self.metrics is not None:
             self.metrics.job_finished(None, 'cannot start', None)
 
-    def _finished(self, running, exitcode):
+    def _finished(self, running, exitcode, trouble=None):
         """Decide what a job's end means for the queue; return it as an Ended.
 
         A job put back in the queue is logged at once; an ordinary end is logged, and leaves
@@ -441,7 +437,7 @@ class Launcher:
             end.stopped = True
             self.recorder.log_ends([end])
             job.requeued += 1
-            self._back_to_queue(job)
+            self._back_to_queue(job, trouble)
         elif exitcode == codes.ENGINE_DATABASE_LOCKED and self.authorizer.is_engine(job.task):
             end.level = logging.WARNING        # not lost: it runs again
             self.recorder.log_ends([end])

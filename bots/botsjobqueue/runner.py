@@ -122,7 +122,7 @@ class Runner:
             self._supervise(running)
 
     def _supervise(self, running):
-        end = self.launcher.supervise(running)
+        end = self.launcher.supervise(running, self.trouble)
         self.ended.append(end)
         if end.leaves_queue:
             if self.done is not None:      # two adopted jobs in one slot: the first is recorded now
