@@ -638,14 +638,14 @@ class DatabaseStore:
         def update(cursor):
             cursor.execute('UPDATE jobqueue_job SET pid = %s, pid_start = %s, relay_pid = %s, output = %s WHERE '
                            'jobnumber = %s AND server = %s', (pid, pid_start, relay_pid, output, jobnumber, self.name))
-            if self._finished >= self._trimmed + 50:       # the job has started: time for the trimming
+            if self._trim_due():        # the job has started: time for the trimming
                 self._trim(cursor)
         self._run(update)
 
     def trim_if_due(self):
         """Trim the history and the change rows when 50 jobs have finished since the last time
         (``set_process`` does it too, as a job starts)."""
-        if self._finished >= self._trimmed + 50:
+        if self._trim_due():
             self._run(self._trim)
 
     def running_elsewhere(self):
@@ -703,8 +703,11 @@ class DatabaseStore:
                        (job.jobnumber, job.priority, json.dumps(list(job.task)), started, ended, exitcode, status,
                         output, self.name))
         self._finished += 1
-        if self._finished >= self._trimmed + 50:
+        if self._trim_due():
             self._trim(cursor)
+
+    def _trim_due(self):
+        return self._finished >= self._trimmed + 50
 
     def _trim(self, cursor):
         """(In a transaction.)  Keep ``history_size`` finished jobs, and the newest change rows."""
