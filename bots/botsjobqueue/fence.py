@@ -96,17 +96,17 @@ class FenceProcess:
         ended = fds[1]                    # the job's pipe to the runner that starts it
         with self._lock:
             if time.monotonic() >= self.term_at:
-                _answer(ended, b'R')
+                _say(ended, b'R')
                 return
             try:
                 popen = subprocess.Popen(message['run'], stdin=subprocess.DEVNULL, stdout=fds[0], stderr=fds[0],
                                          close_fds=True, pass_fds=tuple(fds[2:]), start_new_session=True)
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
-                _answer(ended, b'F ' + ' '.join(str(exc).split()).encode('utf-8', 'replace'))
+                _say(ended, b'F ' + ' '.join(str(exc).split()).encode('utf-8', 'replace'))
                 return
             self.children[popen.pid] = [jobnumber, popen, 0]
         ended = os.dup(ended)             # the received descriptors are closed after this message
-        _answer(ended, b'S %d' % popen.pid)        # first: the runner waits for it
+        _say(ended, b'S %d' % popen.pid)        # first: the runner waits for it
         threading.Thread(target=self._wait, args=(popen, ended), daemon=True).start()
 
     def _wait(self, popen, ended):
@@ -116,7 +116,7 @@ class FenceProcess:
             _, _, sent = self.children.pop(popen.pid)
         # Fenced: ended by our signal.  A job that finished by itself as the signal came is not.
         fenced = bool(sent) and code != 0
-        _answer(ended, b'E %d %d' % (code, fenced))
+        _say(ended, b'E %d %d' % (code, fenced))
         os.close(ended)
 
     def _fence(self, now):
@@ -130,7 +130,7 @@ class FenceProcess:
                 child[2] = 1
 
 
-def _answer(pipe, line):
+def _say(pipe, line):
     """One line of the fence's on a job's pipe (whole: far below PIPE_BUF); a server gone is no error."""
     try:
         os.write(pipe, line + b'\n')
