@@ -491,15 +491,96 @@ def test_fence_killed(postgres, cluster_of):
     assert cluster.add(0, cluster.engine('--tag=long', '--sleep=4')) == 0
     assert cluster.add(0, cluster.engine('--tag=next', '--sleep=0.2')) == 0
     wait_until(lambda: cluster.runs('start'), message='the long job')
-    job = cluster.runs('start')[0]['pid']
-    fence = int(open('/proc/%d/stat' % job).read().rsplit(')', 1)[1].split()[1])      # the job's parent
-    assert 'bots.botsjobqueue.fence' in open('/proc/%d/cmdline' % fence).read()
-    os.kill(fence, signal.SIGKILL)
+    os.kill(_fence_of(cluster.runs('start')[0]['pid']), signal.SIGKILL)
     wait_until(lambda: {'long', 'next'} <= {tag_of(entry) for entry in cluster.runs('end')}, timeout=60,
                message='the long job again, and the next one')
     assert cluster.overlaps() == []
     assert [tag_of(entry) for entry in cluster.runs('start')] == ['long', 'long', 'next']   # it kept its place
     wait_until(lambda: 'A new fence starts' in env.log(), message='a new fence')
+
+
+def _fence_of(job_pid):
+    """The fence that started the job of ``job_pid``: the job's parent."""
+    fence = int(open('/proc/%d/stat' % job_pid).read().rsplit(')', 1)[1].split()[1])
+    assert 'bots.botsjobqueue.fence' in open('/proc/%d/cmdline' % fence).read()
+    return fence
+
+
+@pytest.mark.timeout(180)
+def test_a_stopped_fence_and_a_leader_cut_off(postgres, cluster_of):
+    """Two faults at once: the leader's fence is stopped (SIGSTOP), then the leader is cut off from
+    the database.  The fence cannot end the job as the lease runs out, so the server does, at the
+    same moment; the standby takes over and runs the job again; no two engines run at once, and
+    the leader ends the stopped fence once it sees the job gone without the fence's word."""
+    name = 'queue%d' % next(_numbers)
+    postgres.sql('CREATE DATABASE %s' % name, database='postgres')
+    url = postgres.url.rsplit('/', 1)[0] + '/' + name
+    proxy = Proxy(postgres.port)
+    fence = None
+    try:
+        cluster = cluster_of(url, 2, urls={0: url.replace(':%d/' % postgres.port, ':%d/' % proxy.port)})
+        env = cluster.start(0)
+        assert cluster.leader() == 0
+        cluster.start(1)
+        assert cluster.add(0, cluster.engine('--tag=long', '--sleep=8')) == 0
+        wait_until(lambda: cluster.runs('start'), message='the long job')
+        assert cluster.add(1, cluster.engine('--tag=next', '--sleep=0.2')) == 0
+        fence = _fence_of(cluster.runs('start')[0]['pid'])
+        time.sleep(1)              # the job's pid is stored (after half a second): its runner waits for it
+        os.kill(fence, signal.SIGSTOP)
+        proxy.cut()
+        faulted_at = time.time()
+        wait_until(lambda: {'long', 'next'} <= {tag_of(entry) for entry in cluster.runs('end')}, timeout=90,
+                   message='the long job again at the standby, and the next one')
+        starts = cluster.runs('start')
+        assert [tag_of(entry) for entry in starts] == ['long', 'long', 'next']
+        print('stopped fence, leader cut off: takeover %.2f s, overlaps %d'
+              % (starts[1]['time'] - faulted_at, len(cluster.overlaps())))
+        assert cluster.overlaps() == []
+        assert starts[1]['time'] - faulted_at <= TTL + MARGIN + 5
+        wait_until(lambda: 'The fence process (pid %d) does not act' % fence in env.log(), timeout=30,
+                   message='the stopped fence ended by its server')
+        proxy.mend()
+        wait_until(lambda: (cluster.health(0) or {}).get('role') == 'standby', timeout=60,
+                   message='machine 0 to stand by')
+        assert cluster.runs('end') and cluster.overlaps() == []
+    finally:
+        proxy.close()
+        if fence is not None:
+            try:
+                os.kill(fence, signal.SIGCONT)
+            except OSError:
+                pass
+
+
+@pytest.mark.timeout(120)
+def test_a_fence_stopped_while_the_lease_holds(postgres, cluster_of):
+    """SIGSTOP of the leader's fence alone: its job ends by itself, but the stopped fence cannot
+    say so.  The server sees the job gone, ends that fence and starts a new one at the next
+    renewal; the queue goes on (before, it waited for the fence for ever)."""
+    name = 'queue%d' % next(_numbers)
+    postgres.sql('CREATE DATABASE %s' % name, database='postgres')
+    cluster = cluster_of(postgres.url.rsplit('/', 1)[0] + '/' + name, 1)
+    env = cluster.start(0)
+    assert cluster.leader() == 0
+    assert cluster.add(0, cluster.engine('--tag=first', '--sleep=1')) == 0
+    assert cluster.add(0, cluster.engine('--tag=next', '--sleep=0')) == 0
+    wait_until(lambda: cluster.runs('start'), message='the first job')
+    fence = _fence_of(cluster.runs('start')[0]['pid'])
+    os.kill(fence, signal.SIGSTOP)
+    try:
+        wait_until(lambda: 'next' in {tag_of(entry) for entry in cluster.runs('end')}, timeout=60,
+                   message='the next job, through a new fence')
+    finally:
+        try:
+            os.kill(fence, signal.SIGCONT)
+        except OSError:
+            pass
+    assert [tag_of(entry) for entry in cluster.runs('start')] == ['first', 'next']
+    assert cluster.overlaps() == []
+    log = env.log()
+    assert 'The fence process (pid %d) does not act: job 1' % fence in log
+    assert 'its fence was stopped and could not tell, so its exit code cannot be known' in log
 
 
 def test_a_leaders_shutdown_stops_its_job_with_sigterm(postgres, cluster_of):

@@ -311,6 +311,45 @@ def test_a_job_whose_fence_is_killed_is_ended_by_the_server(fence):
     assert not is_alive(child.pid, None)                    # ended and waited for
 
 
+def test_a_stopped_fence_cannot_keep_its_job_past_the_lease(fence):
+    """SIGSTOP of the fence alone: the server's own deadline ends the job at the fence's moment;
+    the job gone without the fence's word, the fence is ended, and the next hold starts another."""
+    now = time.monotonic()
+    fence.hold(now + 60, now + 61)
+    child, output = _fenced(fence, [sys.executable, '-c', 'import time; time.sleep(60)'])
+    os.close(output)
+    stopped = fence.process
+    os.kill(stopped.pid, signal.SIGSTOP)
+    fence.hold(time.monotonic() + 0.5, time.monotonic() + 1.5)      # the lease was not renewed
+    deadline = time.monotonic() + 0.5
+    assert child.wait() is None and child.fenced is True            # unknown code; it runs again
+    assert time.monotonic() - deadline < 3 * child.HUNG_AFTER
+    assert not is_alive(child.pid, None) and stopped.poll() is not None
+    fence.hold(time.monotonic() + 60, time.monotonic() + 61)
+    assert fence.process is not stopped
+    quick, output = _fenced(fence, ['true'])
+    assert quick.wait() == 0
+    os.close(output)
+
+
+def test_a_fence_stopped_before_a_start_is_ended_and_the_start_waits(fence):
+    from bots.botsjobqueue.fence import LeaseLost
+    now = time.monotonic()
+    fence.hold(now + 60, now + 61)
+    stopped = fence.process
+    os.kill(stopped.pid, signal.SIGSTOP)
+    fence.ANSWER_WAIT = 1
+    with pytest.raises(LeaseLost, match='did not answer'):
+        _fenced(fence, ['true'])
+    assert stopped.poll() is not None and fence.process is not stopped
+    with pytest.raises(LeaseLost):          # the new fence starts jobs from the next hold on
+        _fenced(fence, ['true'])
+    fence.hold(time.monotonic() + 60, time.monotonic() + 61)
+    quick, output = _fenced(fence, ['true'])
+    assert quick.wait() == 0
+    os.close(output)
+
+
 # ---- the HTTP head
 def test_a_request_head_is_read_one_way_only():
     method, path, version, headers, keep_alive = httphead.parse_head(

@@ -49,5 +49,5 @@ Around it:
 """
 
 # This package's own version (MAJOR.MINOR.PATCH, see README "Versions"), not the Bots it serves.
-__version__ = '1.1.3'
+__version__ = '1.1.4'
 BOTS_VERSIONS = '3.3.1 and 4.0'      # the Bots releases it is tested with

@@ -25,7 +25,9 @@ A standby may start a job only after ``expires + lease_margin`` by the database'
 in real time is at least ``sent + lease_ttl + lease_margin``.  So between the fence's SIGKILL and
 the first possible start of another leader lie at least ``SAFETY + lease_margin`` seconds plus
 ``lease_ttl * DRIFT``, whatever the old leader does: it may be killed, frozen, cut off from the
-database, or stuck in a call - its fence keeps the time.
+database, or stuck in a call - its fence keeps the time.  The server's handle on the fence keeps
+the same two moments on timers of its own (``fence.Fence``), so a fence that is stopped while its
+server runs does not let a job outlive the lease either.
 
 Assumed: the clocks of the machines and of the database server run at the same rate within
 ``DRIFT`` (1 %, a hundred times what a quartz clock strays) - they need not show the same time;

@@ -33,6 +33,7 @@ class Ended:
         self.attempt = None            # its stored attempt, when it was queued again (exit code 3)
         self.stopped = False           # stopped by the shutdown: kept for the next start
         self.fenced = running.process.fenced     # ended by the fence (fence.py): runs at the next leader
+        self.unknown = running.process.unknown   # why exitcode is None
 
     def as_dict(self):
         record = {'state': self.state, 'jobnumber': self.job.jobnumber, 'priority': self.job.priority,
@@ -74,10 +75,9 @@ class Recorder:
                                         elapsed(end.ended - end.started), exitcode)
                     continue
                 if exitcode is None:
-                    # A job adopted after a restart: not our child, so its exit code is not ours to know.
-                    self.logger.info('Finished job %s, elapsed time %s; it ran on from before the restart, '
-                                     'so its exit code cannot be known.',
-                                     end.job.jobnumber, elapsed(end.ended - end.started))
+                    # A job adopted after a restart is not our child; a stopped fence could not tell.
+                    self.logger.info('Finished job %s, elapsed time %s; %s, so its exit code cannot be known.',
+                                     end.job.jobnumber, elapsed(end.ended - end.started), end.unknown)
                     continue
                 self.logger.log(end.level or logging_level(exitcode), 'Finished job %s, elapsed time %s, exit code %s',
                                 end.job.jobnumber, elapsed(end.ended - end.started), exitcode)

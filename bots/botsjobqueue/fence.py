@@ -19,6 +19,10 @@ goes on while the server is stopped).  The fence
 * outlives a server that died (its jobs are still fenced at the same moment) and ends once it
   has no job left.
 
+The other way round, a fence stopped while its server runs: the server's handle (``Fence``)
+sends the same signals at the same moments from timers of its own, and ends a fence that does
+not answer a start, or does not report a job that is gone (``FencedChild.HUNG_AFTER``).
+
 The server's messages are JSON over a Unix socket pair (SOCK_SEQPACKET: one message a
 packet), descriptors passed alongside (SCM_RIGHTS).  The fence's answers are lines on the job's
 pipe: ``S <pid>`` (started), ``R`` (refused: the lease does not hold) or ``F <error>``, and
@@ -35,11 +39,13 @@ import sys
 import threading
 import time
 
-from .processes import KILL, process_start_time, signal_group, wait_for_pid
+from .processes import KILL, is_alive, process_start_time, signal_group, wait_for_pid
+from .timers import Timers
 
 
 class LeaseLost(Exception):
-    """The fence refused a start: the lease does not hold long enough any more."""
+    """The fence refused a start: the lease does not hold long enough any more (or there is no
+    fence that answers: the start waits for the next renewal, which starts a new one)."""
 
 
 # ---- the fence process
@@ -156,30 +162,41 @@ class FencedChild:
     """A job started by the fence: its pid, and its exit code once the fence writes it on the job's
     own pipe (read by the runner that waits for it: no thread between)."""
 
-    def __init__(self, pid, ended, rest=b''):
+    HUNG_AFTER = 5.0            # seconds a job is gone without the fence's word: the fence is stopped
+
+    def __init__(self, pid, ended, rest=b'', fence=None, jobnumber=None):
         self.pid = pid
+        self.jobnumber = jobnumber
         self.code = None
         self.fenced = False
+        self.unknown = None          # why the exit code cannot be known
+        self.signalled = False       # the server's own deadline reached it (``Fence._deadline``)
         self._ended = ended          # the read end of the job's pipe
         self._rest = rest            # what was read of it after the start's answer
         self._start_time = process_start_time(pid)
+        self._fence = fence
 
     def ended_within(self, seconds):
         """True when the job has ended (or its fence is gone) within ``seconds``."""
         return bool(self._rest) or bool(select.select([self._ended], [], [], seconds)[0])
 
     def wait(self):
-        """Block until the job has ended; its exit code (None when the fence itself is gone)."""
-        chunks = [self._rest]
-        while True:
-            chunk = os.read(self._ended, 64)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        os.close(self._ended)
-        words = b''.join(chunks).split()
-        if len(words) == 3 and words[0] == b'E':
-            self.code, self.fenced = int(words[1]), words[2] == b'1'
+        """Block until the job has ended; its exit code (None when the fence is gone or stopped)."""
+        try:
+            words = self._read_end()
+        finally:
+            os.close(self._ended)
+            if self._fence is not None:
+                self._fence.forget(self)
+        if words is None:
+            # The fence is stopped (SIGSTOP, a debugger) and its job is gone: the fence cannot
+            # say how it ended.  Ended by the server's deadline, it runs again; else it has ended.
+            self.fenced = self.signalled
+            self.unknown = 'its fence was stopped and could not tell'
+        elif len(words) == 3 and words[0] == b'E':
+            self.code = int(words[1])
+            # (As the fence counts it: a job that ended by itself as the signal came is not fenced.)
+            self.fenced = words[2] == b'1' or (self.signalled and self.code != 0)
         else:
             # The fence was killed: nothing would end this job in time any more.  It is ended
             # here, and waited for, before another can start; it runs again.
@@ -188,15 +205,46 @@ class FencedChild:
             self.fenced = True
         return self.code
 
+    def _read_end(self):
+        """The words of the fence's last line on the pipe; None when the job has been gone
+        ``HUNG_AFTER`` seconds without one (the fence is then ended: see ``Fence.hung``)."""
+        chunks = [self._rest]
+        gone_since = None
+        while True:
+            if not select.select([self._ended], [], [], self.HUNG_AFTER / 2)[0]:
+                if is_alive(self.pid, self._start_time):        # a zombie is gone
+                    gone_since = None
+                elif gone_since is None:
+                    gone_since = time.monotonic()
+                elif time.monotonic() - gone_since >= self.HUNG_AFTER and self._fence is not None:
+                    self._fence.hung('job %s (pid %d) ended and the fence did not say so' % (
+                        self.jobnumber, self.pid))
+                    return None
+                continue
+            chunk = os.read(self._ended, 64)
+            if not chunk:
+                return b''.join(chunks).split()
+            chunks.append(chunk)
+
 
 class Fence:
-    """The server's handle on its fence process."""
+    """The server's handle on its fence process.
 
-    ANSWER_WAIT = 30                # seconds for a start's answer, before the fence is taken for hung
+    It keeps the fence's deadlines a second time: should the fence be stopped (SIGSTOP, a
+    debugger) when the lease runs out, the server's own timers end the jobs at the same moments,
+    and a fence that no longer answers is ended, with its jobs, and a new one started (it starts
+    jobs from the next renewal on).  Only a server stopped together with its fence - the machine frozen as a
+    whole - is beyond both (see ``cluster.py``, what is assumed).
+    """
+
+    ANSWER_WAIT = 10                # seconds for a start's answer, before the fence is taken for stopped
 
     def __init__(self, logger):
         self.logger = logger
         self._send_lock = threading.Lock()
+        self._children = set()          # the FencedChild of each job running
+        self._timers = Timers('fence', logger)
+        self._deadlines = []            # our own SIGTERM and SIGKILL, set at each hold
         self._start()
 
     def _start(self):
@@ -220,7 +268,24 @@ class Fence:
                                   'A new fence starts.', self.process.returncode)
                 self.sock.close()
                 self._start()
+            now = time.monotonic()
+            for timer in self._deadlines:
+                timer.cancel()
+            self._deadlines = [self._timers.add(term_at - now, self._deadline, signal.SIGTERM),
+                               self._timers.add(kill_at - now, self._deadline, KILL)]
         self._send({'hold': [term_at, kill_at]})
+
+    def _deadline(self, signum):
+        """(A timer.)  The lease's time is up: what the fence does, done here as well."""
+        with self._send_lock:
+            children = list(self._children)
+        for child in children:
+            child.signalled = True
+            signal_group(child.pid, signum)
+
+    def forget(self, child):
+        with self._send_lock:
+            self._children.discard(child)
 
     def spawn(self, command, output, lock, jobnumber):
         """Start a job through the fence; its FencedChild.  LeaseLost when refused."""
@@ -237,8 +302,15 @@ class Fence:
         except BaseException:
             os.close(ended)
             raise
+        if answer is None:
+            os.close(ended)
+            self.hung('it did not answer the start of job %s within %d seconds' % (jobnumber, self.ANSWER_WAIT))
+            raise LeaseLost('the fence did not answer')
         if answer.startswith(b'S '):
-            return FencedChild(int(answer[2:]), ended, rest)
+            child = FencedChild(int(answer[2:]), ended, rest, self, jobnumber)
+            with self._send_lock:
+                self._children.add(child)
+            return child
         os.close(ended)
         if answer == b'R':
             raise LeaseLost()
@@ -246,12 +318,12 @@ class Fence:
 
     def _answer(self, ended):
         """The fence's first line on a job's pipe, and what came after it (the job may have ended
-        already); ``b''`` when the fence ended first.  OSError when it does not answer in time."""
+        already); ``b''`` when the fence ended first, None when it does not answer in time."""
         data = b''
         deadline = time.monotonic() + self.ANSWER_WAIT
         while b'\n' not in data:
             if not select.select([ended], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                raise OSError('the fence does not answer')
+                return None, b''
             chunk = os.read(ended, 64)
             if not chunk:
                 break
@@ -259,8 +331,24 @@ class Fence:
         line, _, rest = data.partition(b'\n')
         return line, rest
 
+    def hung(self, why):
+        """The fence does not act (stopped: ``why``): end it and every job it started - their
+        runners then see it gone, and queue them again - and start a new one."""
+        with self._send_lock:
+            if self.process.poll() is not None:
+                return
+            self.logger.error('The fence process (pid %d) does not act: %s.  It is ended, with the jobs it '
+                              'started (they run again), and a new fence starts.', self.process.pid, why)
+            for pid in _children_of(self.process.pid):
+                signal_group(pid, KILL)
+            self.process.kill()
+            self.process.wait()
+            self.sock.close()
+            self._start()          # it starts jobs from the next renewal on
+
     def close(self):
         """The server stops (its jobs are stopped already): the fence ends."""
+        self._timers.close()
         try:
             self._send({'quit': True})
         except OSError:
@@ -269,6 +357,22 @@ class Fence:
             self.process.wait(5)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+
+def _children_of(pid):
+    """The pids of the children of process ``pid`` (Linux: /proc/<pid>/task/*/children)."""
+    found = []
+    try:
+        tasks = os.listdir('/proc/%d/task' % pid)
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open('/proc/%d/task/%s/children' % (pid, task)) as handle:
+                found.extend(int(word) for word in handle.read().split())
+        except (OSError, ValueError):
+            pass
+    return found
 
 
 if __name__ == '__main__':

@@ -235,11 +235,11 @@ class Launcher:
                 self.queue.give_back(job)
                 claim[0] = None                # the runner keeps it, for its next try
                 raise StoreRefused(exc) from exc
-            except LeaseLost:
+            except LeaseLost as lost:
                 self.locks.remove(job.jobnumber)
                 capture.job_ended()
-                self.logger.warning('Job %s did not start: the lease of this server no longer holds; it waits for '
-                                    'the next leader.', job.jobnumber)
+                self.logger.warning('Job %s did not start: %s; it waits for the next leader.', job.jobnumber,
+                                    lost.args[0] if lost.args else 'the lease of this server no longer holds')
                 self.queue.lead(False)          # until the lease is renewed or taken again
                 self._back_to_queue(job, trouble)
                 return None

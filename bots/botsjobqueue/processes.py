@@ -315,6 +315,7 @@ class Child:
     """A job started by this server: its exit code is known."""
 
     fenced = False      # (a FencedChild, fence.py, may be)
+    unknown = None      # why its exit code cannot be known (Orphan, a FencedChild whose fence stopped)
 
     def __init__(self, popen):
         self.popen = popen
@@ -329,6 +330,7 @@ class Orphan:
     """A job started before a restart that still runs: not our child, so no exit code."""
 
     fenced = False
+    unknown = 'it ran on from before the restart'
 
     def __init__(self, stored, pid, locks):
         self.stored = stored
