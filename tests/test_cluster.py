@@ -55,6 +55,13 @@ def database(request):
     return server, server.url.rsplit('/', 1)[0] + '/' + name
 
 
+def fresh_postgres(postgres):
+    """A fresh database on the PostgreSQL server, for a test that needs one kind only: its URL."""
+    name = 'queue%d' % next(_numbers)
+    postgres.sql('CREATE DATABASE %s' % name, database='postgres')
+    return postgres.url.rsplit('/', 1)[0] + '/' + name
+
+
 class Proxy:
     """A TCP proxy to the database that the test controls: ``cut()`` stops passing bytes either
     way (the connections stay open, as across a broken network), ``mend()`` passes them again."""
@@ -464,9 +471,7 @@ def test_clocks_apart(postgres, cluster_of):
     takeover.  (libfaketime leaves the monotonic clock alone here: faked, it would also move the
     deadlines of every timed wait in the process, which no real clock does.)"""
     assert os.path.exists(LIBFAKETIME), "this test needs Debian's faketime: apt-get install faketime"
-    name = 'queue%d' % next(_numbers)
-    postgres.sql('CREATE DATABASE %s' % name, database='postgres')
-    cluster = cluster_of(postgres.url.rsplit('/', 1)[0] + '/' + name, 2)
+    cluster = cluster_of(fresh_postgres(postgres), 2)
     for env, clock in zip(cluster.servers, ('-3d x0.995', '+2d x1.005')):
         env.server_env = {'LD_PRELOAD': LIBFAKETIME, 'FAKETIME': clock, 'FAKETIME_DONT_FAKE_MONOTONIC': '1'}
     cluster.start(0)
@@ -478,20 +483,25 @@ def test_clocks_apart(postgres, cluster_of):
     assert max(counts['takeover']) <= TTL + MARGIN + 5
 
 
+def _one_leader_two_jobs(postgres, cluster_of, tag, seconds):
+    """One server leads; job ``tag`` (``seconds`` long) runs, a job 'next' waits: ``(cluster,
+    environment, the pid of the fence that started the first job)``."""
+    cluster = cluster_of(fresh_postgres(postgres), 1)
+    env = cluster.start(0)
+    assert cluster.leader() == 0
+    assert cluster.add(0, cluster.engine('--tag=' + tag, '--sleep=%s' % seconds)) == 0
+    assert cluster.add(0, cluster.engine('--tag=next', '--sleep=0.2')) == 0
+    wait_until(lambda: cluster.runs('start'), message='the first job')
+    return cluster, env, _fence_of(cluster.runs('start')[0]['pid'])
+
+
 @pytest.mark.timeout(120)
 def test_fence_killed(postgres, cluster_of):
     """kill -9 of the leader's fence while its job runs: nothing would end that job in time any more,
     so the server ends it and waits for it before the next start; it runs again, a new fence starts,
     and no two engines ever run at once."""
-    name = 'queue%d' % next(_numbers)
-    postgres.sql('CREATE DATABASE %s' % name, database='postgres')
-    cluster = cluster_of(postgres.url.rsplit('/', 1)[0] + '/' + name, 1)
-    env = cluster.start(0)
-    assert cluster.leader() == 0
-    assert cluster.add(0, cluster.engine('--tag=long', '--sleep=4')) == 0
-    assert cluster.add(0, cluster.engine('--tag=next', '--sleep=0.2')) == 0
-    wait_until(lambda: cluster.runs('start'), message='the long job')
-    os.kill(_fence_of(cluster.runs('start')[0]['pid']), signal.SIGKILL)
+    cluster, env, fence = _one_leader_two_jobs(postgres, cluster_of, 'long', 4)
+    os.kill(fence, signal.SIGKILL)
     wait_until(lambda: {'long', 'next'} <= {tag_of(entry) for entry in cluster.runs('end')}, timeout=60,
                message='the long job again, and the next one')
     assert cluster.overlaps() == []
@@ -512,9 +522,7 @@ def test_a_stopped_fence_and_a_leader_cut_off(postgres, cluster_of):
     the database.  The fence cannot end the job as the lease runs out, so the server does, at the
     same moment; the standby takes over and runs the job again; no two engines run at once, and
     the leader ends the stopped fence once it sees the job gone without the fence's word."""
-    name = 'queue%d' % next(_numbers)
-    postgres.sql('CREATE DATABASE %s' % name, database='postgres')
-    url = postgres.url.rsplit('/', 1)[0] + '/' + name
+    url = fresh_postgres(postgres)
     proxy = Proxy(postgres.port)
     fence = None
     try:
@@ -558,15 +566,7 @@ def test_a_fence_stopped_while_the_lease_holds(postgres, cluster_of):
     """SIGSTOP of the leader's fence alone: its job ends by itself, but the stopped fence cannot
     say so.  The server sees the job gone, ends that fence and starts a new one at the next
     renewal; the queue goes on (before, it waited for the fence for ever)."""
-    name = 'queue%d' % next(_numbers)
-    postgres.sql('CREATE DATABASE %s' % name, database='postgres')
-    cluster = cluster_of(postgres.url.rsplit('/', 1)[0] + '/' + name, 1)
-    env = cluster.start(0)
-    assert cluster.leader() == 0
-    assert cluster.add(0, cluster.engine('--tag=first', '--sleep=1')) == 0
-    assert cluster.add(0, cluster.engine('--tag=next', '--sleep=0')) == 0
-    wait_until(lambda: cluster.runs('start'), message='the first job')
-    fence = _fence_of(cluster.runs('start')[0]['pid'])
+    cluster, env, fence = _one_leader_two_jobs(postgres, cluster_of, 'first', 1)
     os.kill(fence, signal.SIGSTOP)
     try:
         wait_until(lambda: 'next' in {tag_of(entry) for entry in cluster.runs('end')}, timeout=60,
@@ -587,9 +587,7 @@ def test_a_leaders_shutdown_stops_its_job_with_sigterm(postgres, cluster_of):
     """The leader stops: its job, started by the fence, gets SIGTERM and ends by it (the fence
     itself takes no SIGTERM; its jobs must not inherit that), rather than by the SIGKILL after
     kill_grace; it is queued again and the lease is given up."""
-    name = 'queue%d' % next(_numbers)
-    postgres.sql('CREATE DATABASE %s' % name, database='postgres')
-    cluster = cluster_of(postgres.url.rsplit('/', 1)[0] + '/' + name, 1, jobqueue='shutdown_grace = 1\nkill_grace = 30\n')
+    cluster = cluster_of(fresh_postgres(postgres), 1, jobqueue='shutdown_grace = 1\nkill_grace = 30\n')
     env = cluster.start(0)
     assert cluster.leader() == 0
     assert cluster.add(0, cluster.engine('--tag=long', '--sleep=60')) == 0
@@ -692,9 +690,7 @@ def test_database_restarted(postgres, cluster_of):
     """The database server restarts under two servers (its sessions ended, a few seconds away):
     the servers open new connections, the lease is kept or taken over, nothing runs twice at
     once and no acknowledged job is lost.  The restart happens last: the other tests share it."""
-    name = 'queue%d' % next(_numbers)
-    postgres.sql('CREATE DATABASE %s' % name, database='postgres')
-    cluster = cluster_of(postgres.url.rsplit('/', 1)[0] + '/' + name, 2)
+    cluster = cluster_of(fresh_postgres(postgres), 2)
     cluster.start(0)
     assert cluster.leader() == 0
     cluster.start(1)
