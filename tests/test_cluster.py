@@ -564,8 +564,8 @@ def test_a_stopped_fence_and_a_leader_cut_off(postgres, cluster_of):
 @pytest.mark.timeout(120)
 def test_a_fence_stopped_while_the_lease_holds(postgres, cluster_of):
     """SIGSTOP of the leader's fence alone: its job ends by itself, but the stopped fence cannot
-    say so.  The server sees the job gone, ends that fence and starts a new one at the next
-    renewal; the queue goes on (before, it waited for the fence for ever)."""
+    say so.  The server sees the job gone, ends that fence and starts a new one, which starts the
+    next job after the next renewal; the queue goes on (before, it waited for the fence for ever)."""
     cluster, env, fence = _one_leader_two_jobs(postgres, cluster_of, 'first', 1)
     os.kill(fence, signal.SIGSTOP)
     try:

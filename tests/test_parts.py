@@ -313,7 +313,8 @@ def test_a_job_whose_fence_is_killed_is_ended_by_the_server(fence):
 
 def test_a_stopped_fence_cannot_keep_its_job_past_the_lease(fence):
     """SIGSTOP of the fence alone: the server's own deadline ends the job at the fence's moment;
-    the job gone without the fence's word, the fence is ended, and the next hold starts another."""
+    the job gone without the fence's word, the fence is ended and another started, which starts
+    jobs once it is told the lease holds."""
     now = time.monotonic()
     fence.hold(now + 60, now + 61)
     child, output = _fenced(fence, [sys.executable, '-c', 'import time; time.sleep(60)'])

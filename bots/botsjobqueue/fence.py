@@ -47,6 +47,9 @@ class LeaseLost(Exception):
     """The fence refused a start: the lease does not hold long enough any more (or there is no
     fence that answers: the start waits for the next renewal, which starts a new one)."""
 
+    def __init__(self, why='the lease of this server no longer holds'):
+        super().__init__(why)
+
 
 # ---- the fence process
 class FenceProcess:
@@ -164,7 +167,7 @@ class FencedChild:
 
     HUNG_AFTER = 5.0            # seconds a job is gone without the fence's word: the fence is stopped
 
-    def __init__(self, pid, ended, rest=b'', fence=None, jobnumber=None):
+    def __init__(self, pid, ended, rest, fence, jobnumber):
         self.pid = pid
         self.jobnumber = jobnumber
         self.code = None
@@ -186,8 +189,7 @@ class FencedChild:
             words = self._read_end()
         finally:
             os.close(self._ended)
-            if self._fence is not None:
-                self._fence.forget(self)
+            self._fence.forget(self)
         if words is None:
             # The fence is stopped (SIGSTOP, a debugger) and its job is gone: the fence cannot
             # say how it ended.  Ended by the server's deadline, it runs again; else it has ended.
@@ -216,7 +218,7 @@ class FencedChild:
                     gone_since = None
                 elif gone_since is None:
                     gone_since = time.monotonic()
-                elif time.monotonic() - gone_since >= self.HUNG_AFTER and self._fence is not None:
+                elif time.monotonic() - gone_since >= self.HUNG_AFTER:
                     self._fence.hung('job %s (pid %d) ended and the fence did not say so' % (
                         self.jobnumber, self.pid))
                     return None
@@ -233,8 +235,8 @@ class Fence:
     It keeps the fence's deadlines a second time: should the fence be stopped (SIGSTOP, a
     debugger) when the lease runs out, the server's own timers end the jobs at the same moments,
     and a fence that no longer answers is ended, with its jobs, and a new one started (it starts
-    jobs from the next renewal on).  Only a server stopped together with its fence - the machine frozen as a
-    whole - is beyond both (see ``cluster.py``, what is assumed).
+    jobs from the next renewal on).  Only a server stopped together with its fence - the machine
+    frozen as a whole - is beyond both (see ``cluster.py``, what is assumed).
     """
 
     ANSWER_WAIT = 10                # seconds for a start's answer, before the fence is taken for stopped

@@ -238,8 +238,7 @@ class Launcher:
             except LeaseLost as lost:
                 self.locks.remove(job.jobnumber)
                 capture.job_ended()
-                self.logger.warning('Job %s did not start: %s; it waits for the next leader.', job.jobnumber,
-                                    lost.args[0] if lost.args else 'the lease of this server no longer holds')
+                self.logger.warning('Job %s did not start: %s; it waits for the next leader.', job.jobnumber, lost)
                 self.queue.lead(False)          # until the lease is renewed or taken again
                 self._back_to_queue(job, trouble)
                 return None
